@@ -1,0 +1,46 @@
+"""Shared fixtures: offline environment, the real benchmark samples in ../shared/data, tiny tokenizers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+
+
+def _find_shared_data() -> Path | None:
+    env = os.environ.get("ONEGEN_SHARED_DATA")
+    candidates = [Path(env)] if env else []
+    candidates += [ROOT.parent / "shared" / "data", ROOT.parent.parent / "shared" / "data"]
+    for c in candidates:
+        if c.is_dir():
+            return c
+    return None
+
+
+SHARED_DATA = _find_shared_data()
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real benchmark samples; tests that need them skip with the reason where absent."""
+    if SHARED_DATA is None:
+        pytest.skip("../shared/data (real benchmark samples) is not present; set ONEGEN_SHARED_DATA to point at it")
+    return SHARED_DATA
+
+
+def shared_file(rel: str) -> Path:
+    if SHARED_DATA is None:
+        pytest.skip("../shared/data (real benchmark samples) is not present; set ONEGEN_SHARED_DATA to point at it")
+    p = SHARED_DATA / rel
+    if not p.exists():
+        pytest.skip(f"{p} is not present in the shared data folder")
+    return p

@@ -1,0 +1,38 @@
+from dataclasses import dataclass, field
+
+import pytest
+
+from onegen.config import load_config
+from onegen.errors import ConfigError
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-3
+    steps: int = 10
+
+
+@dataclass
+class Outer:
+    train: Inner = field(default_factory=Inner)
+    name: str = "x"
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: a\ntrain:\n  steps: 5\n")
+    cfg = load_config(Outer, p, ["train.lr=3e-4"])
+    assert cfg.name == "a" and cfg.train.steps == 5 and cfg.train.lr == pytest.approx(3e-4)
+
+
+def test_unknown_field_in_recipe_names_file_and_suggestion(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("train:\n  step: 5\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(Outer, p)
+    assert "r.yaml" in str(e.value) and "'step'" in str(e.value) and "did you mean 'steps'" in str(e.value)
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match="train.steps: expected an integer"):
+        load_config(Outer, None, ["train.steps=abc"])
