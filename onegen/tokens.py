@@ -23,7 +23,6 @@ class SpecialTokens:
     se: str = field(default="[SE]", metadata={"help": "token after each entity description (entity linking)"})
     con: str = field(default="[CON]", metadata={"help": "filler forced after [LK] (entity linking)"})
     mention_open: str = field(default="<m>", metadata={"help": "opens a marked mention (entity linking)"})
-    mention_close: str = field(default="</m>", metadata={"help": "closes a marked mention (entity linking)"})
     descriptions: dict[str, str] = field(
         default_factory=lambda: {
             "rq": "information of question",
@@ -34,12 +33,11 @@ class SpecialTokens:
             "se": "information of entity",
             "con": "continue",
             "mention_open": "mention start",
-            "mention_close": "mention end",
         },
         metadata={"help": "short text whose sub-token embeddings seed each new token's rows"},
     )
 
-    KEYS = ("rq", "rd", "para_open", "para_close", "lk", "se", "con", "mention_open", "mention_close")
+    KEYS = ("rq", "rd", "para_open", "para_close", "lk", "se", "con", "mention_open")
 
     def all_tokens(self) -> list[str]:
         return [getattr(self, k) for k in self.KEYS]

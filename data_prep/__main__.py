@@ -1,0 +1,139 @@
+"""Offline data preparation for OneGen.
+
+Commands:
+  prepare     read a benchmark file, tag token roles, mine hard negatives, write Arrow shards
+  synthetic   write the synthetic multi-hop world (HotpotQA + ELEVANT layouts) for the quickstart
+  world       synthetic + prepare its four splits (rag/el × train/dev) with one shared tokenizer
+  inspect     show prepared rows with each token's role and each RET's positive/negatives
+
+Examples:
+  python -m data_prep prepare --kind hotpotqa --input ../shared/data/hotpotqa/hipporag_hotpot_train_distractor100.json \\
+      --out runs/hotpot --tokenizer smollm2 --num-proc 2
+  python -m data_prep prepare --kind 2wiki --input dev.json.gz --out runs/2wiki tagging.max_length=1024
+  python -m data_prep world --out runs/world --train-questions 2000
+  python -m data_prep inspect runs/world/rag_train -n 2
+
+Any field of the config can be set as key=value after the flags (e.g. mining.dense=true
+mining.rank_window=[3,30] tagging.max_length=768); `python -m data_prep prepare --help-config`
+lists them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from onegen.errors import OneGenError
+
+
+def _prepare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML recipe with PrepConfig fields")
+    p.add_argument("--kind", choices=["hotpotqa", "2wiki", "elevant", "onegen"])
+    p.add_argument("--input", help="benchmark file (.json, .jsonl, .gz)")
+    p.add_argument("--out", help="output directory")
+    p.add_argument("--kb", help="entity KB JSONL {id,name,description} (elevant)")
+    p.add_argument("--db", help="db.jsonl (kind onegen)")
+    p.add_argument("--aliases", help="2Wiki answer aliases file")
+    p.add_argument("--corpus", help="extra {title,text} passages added to the document pool")
+    p.add_argument("--tokenizer", help="bpe:N | smollm2 | local dir | hub name (with --allow-network)")
+    p.add_argument("--num-proc", type=int, help="worker processes")
+    p.add_argument("--on-error", choices=["fail", "skip"], help="fail on a bad record (default) or quarantine it")
+    p.add_argument("--max-examples", type=int)
+    p.add_argument("--from-hub", help="load the benchmark from the Hugging Face hub (needs --allow-network)")
+    p.add_argument("--allow-network", action="store_true", help="allow hub downloads (never used by tests or CI)")
+    p.add_argument("--help-config", action="store_true", help="list every config field and exit")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of config fields")
+
+
+def _flag_overrides(ns: argparse.Namespace) -> list[str]:
+    import json
+
+    out = []
+    for flag, key in [("kind", "kind"), ("input", "input"), ("out", "out"), ("kb", "kb"), ("db", "db"),
+                      ("aliases", "aliases"), ("corpus", "corpus"), ("tokenizer", "tokenizer"),
+                      ("num_proc", "num_proc"), ("on_error", "on_error"), ("max_examples", "max_examples"),
+                      ("from_hub", "from_hub")]:
+        v = getattr(ns, flag, None)
+        if v is not None:
+            out.append(f"{key}={json.dumps(v) if isinstance(v, str) else v}")
+    if getattr(ns, "allow_network", False):
+        out.append("allow_network=true")
+    return out
+
+
+def cmd_prepare(ns: argparse.Namespace) -> int:
+    from data_prep.prepare import PrepConfig, prepare
+    from onegen.config import help_text, load_config
+
+    if ns.help_config:
+        print(help_text(PrepConfig))
+        return 0
+    cfg = load_config(PrepConfig, ns.config, _flag_overrides(ns) + list(ns.overrides))
+    prepare(cfg)
+    return 0
+
+
+def cmd_inspect(ns: argparse.Namespace) -> int:
+    from data_prep.inspect_cmd import inspect
+
+    inspect(ns.dir, n=ns.n, start=ns.start)
+    return 0
+
+
+def cmd_synthetic(ns: argparse.Namespace, rest: list[str]) -> int:
+    from data_prep import synthetic
+
+    return synthetic.main(rest) or 0
+
+
+def cmd_world(ns: argparse.Namespace) -> int:
+    from data_prep.world import WorldPrepConfig, prepare_world
+    from onegen.config import load_config
+
+    overrides = [f"out={ns.out}", f"num_proc={ns.num_proc}"]
+    if ns.train_questions is not None:
+        overrides.append(f"world.n_train_questions={ns.train_questions}")
+    if ns.dev_questions is not None:
+        overrides.append(f"world.n_dev_questions={ns.dev_questions}")
+    if ns.tokenizer:
+        overrides.append(f"tokenizer={ns.tokenizer}")
+    cfg = load_config(WorldPrepConfig, None, overrides + list(ns.overrides))
+    prepare_world(cfg)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _prepare_args(sub.add_parser("prepare", help="prepare one benchmark file", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter))
+    pi = sub.add_parser("inspect", help="show prepared rows with roles and negatives")
+    pi.add_argument("dir")
+    pi.add_argument("-n", type=int, default=3, help="how many query rows")
+    pi.add_argument("--start", type=int, default=0)
+    sub.add_parser("synthetic", help="write the synthetic world's raw files (see: synthetic --help)", add_help=False)
+    pw = sub.add_parser("world", help="generate the synthetic world and prepare its four splits")
+    pw.add_argument("--out", required=True)
+    pw.add_argument("--num-proc", type=int, default=1)
+    pw.add_argument("--train-questions", type=int)
+    pw.add_argument("--dev-questions", type=int)
+    pw.add_argument("--tokenizer", help="default bpe:N trained on the world")
+    pw.add_argument("overrides", nargs="*", help="key=value (world.*, tagging.*, mining.*)")
+
+    if argv and argv[0] == "synthetic":
+        return cmd_synthetic(argparse.Namespace(), argv[1:])
+    ns = parser.parse_args(argv)
+    try:
+        return {"prepare": cmd_prepare, "inspect": cmd_inspect, "world": cmd_world}[ns.cmd](ns)
+    except OneGenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""The data_prep stage: records → token rows with roles → mined negatives → Arrow shards + manifest.
+
+Output layout (design §2)::
+
+    OUT/manifest.json        written last: its presence means the directory is complete
+    OUT/prep_config.json     the resolved config, written first: a rerun must match it
+    OUT/tokenizer/           the tokenizer with the OneGen special tokens
+    OUT/docs/shard-*.arrow   doc_id, title, text, input_ids (int32), roles (int8)
+    OUT/queries/shard-*.arrow + shard-*.quarantine.jsonl (rows that could not be built, with reasons)
+    OUT/quarantine.jsonl     every record that was skipped, one reason per line (--on-error skip)
+
+Each shard is a pure function of (inputs, config, shard index); shards are written atomically and a
+rerun skips the finished ones, so a killed run resumes and ends with the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tqdm import tqdm
+
+from data_prep.records import NIL_ID, Dataset, Document, LinkingExample, MultiHopExample
+from data_prep.schema import DOCS_SCHEMA, QUERIES_SCHEMA
+from data_prep.shards import list_shards, remove_stale_temporaries, shard_path, write_shard
+from data_prep.tagging import Tagger, TaggingConfig, TooLong, split_long_text
+from data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
+from onegen.errors import ConfigError, InputError
+from onegen.manifest import atomic_write_bytes, atomic_write_json, sha256_file, sha256_json, write_manifest
+from onegen.roles import check_row_invariants, ret_positions
+from onegen.tokens import SpecialTokens, add_special_tokens
+
+
+def _mining_config_cls():
+    from data_prep.mining import MiningConfig
+
+    return MiningConfig
+
+
+@dataclass
+class PrepConfig:
+    kind: Literal["hotpotqa", "2wiki", "elevant", "onegen"] = field(
+        default="hotpotqa", metadata={"help": "input format"})
+    input: str = field(default="", metadata={"help": "benchmark file (.json/.jsonl, .gz ok); train.jsonl for kind=onegen"})
+    out: str = field(default="", metadata={"help": "output directory (the prepared dataset)"})
+    kb: str | None = field(default=None, metadata={"help": "entity KB JSONL {id,name,description} (elevant); default: names from the labels"})
+    db: str | None = field(default=None, metadata={"help": "db.jsonl of the OneGen reference format (kind=onegen)"})
+    aliases: str | None = field(default=None, metadata={"help": "2Wiki answer aliases file (id_aliases.json)"})
+    corpus: str | None = field(default=None, metadata={"help": "extra passages {title,text} for the open setting (added to the doc pool)"})
+    tokenizer: str = field(default="bpe:2000", metadata={"help": "bpe:N (train on this data), smollm2, a local dir, or a hub name with allow_network"})
+    allow_network: bool = field(default=False, metadata={"help": "allow loading a tokenizer/benchmark from the Hugging Face hub"})
+    from_hub: str | None = field(default=None, metadata={"help": "load the benchmark from the hub instead of --input (needs allow_network)"})
+    split: str = field(default="validation", metadata={"help": "hub split, with from_hub"})
+    require_gold_in_context: bool = field(default=True, metadata={"help": "HotpotQA/2Wiki: a supporting fact must point at a context paragraph"})
+    on_error: Literal["fail", "skip"] = field(default="fail", metadata={"help": "fail on the first bad record, or skip it into quarantine.jsonl"})
+    max_examples: int | None = field(default=None, metadata={"help": "use only the first N examples"})
+    el_max_chars: int = field(default=400, metadata={"help": "EL documents longer than this are split into passages at sentence ends"})
+    shard_size: int = field(default=1000, metadata={"help": "query rows per shard"})
+    doc_shard_size: int = field(default=20000, metadata={"help": "document rows per shard"})
+    num_proc: int = field(default=1, metadata={"help": "worker processes (shards are identical for any value)"})
+    tagging: TaggingConfig = field(default_factory=TaggingConfig)
+    tokens: SpecialTokens = field(default_factory=SpecialTokens)
+    mining: Any = field(default=None, metadata={"help": "hard-negative mining (data_prep.mining.MiningConfig)"})
+
+    def __post_init__(self) -> None:
+        cls = _mining_config_cls()
+        if self.mining is None:
+            self.mining = cls()
+        elif isinstance(self.mining, dict):
+            from onegen.config import from_dict
+
+            self.mining = from_dict(cls, self.mining, where="mining")
+
+
+# The fields that do not change a single output byte: excluded from the fingerprint.
+_NOT_CONTENT = ("out", "num_proc", "input", "kb", "db", "aliases", "corpus", "allow_network")
+
+
+def content_config(cfg: PrepConfig) -> dict:
+    d = asdict(cfg)
+    for k in _NOT_CONTENT:
+        d.pop(k, None)
+    return d
+
+
+# ---- reading ----------------------------------------------------------------------------------
+
+def read_inputs(cfg: PrepConfig, policy) -> Dataset:
+    from data_prep.readers import read_benchmark
+
+    if cfg.from_hub:
+        from data_prep.readers.hub import load_from_hub
+
+        ds = load_from_hub(cfg.from_hub, cfg.split, cache_dir=None, allow_network=cfg.allow_network)
+    else:
+        if not cfg.input:
+            raise ConfigError("no input: give --input FILE (or --from-hub NAME --allow-network)")
+        kw: dict[str, Any] = {}
+        if cfg.kind in ("hotpotqa", "2wiki"):
+            kw["require_gold_in_context"] = cfg.require_gold_in_context
+        if cfg.kind == "2wiki" and cfg.aliases:
+            kw["aliases_path"] = cfg.aliases
+        if cfg.kind == "elevant" and cfg.kb:
+            kw["kb_path"] = cfg.kb
+        if cfg.kind == "onegen":
+            if not cfg.db:
+                raise ConfigError("kind=onegen needs --db db.jsonl")
+            kw["db_path"] = cfg.db
+        ds = read_benchmark(cfg.kind, cfg.input, policy, **kw)
+    if cfg.corpus:
+        from data_prep.readers.twowiki import read_passage_corpus
+
+        for doc_id, doc in read_passage_corpus(cfg.corpus).items():
+            ds.documents.setdefault(doc_id, doc)
+    if cfg.max_examples is not None:
+        ds.examples = ds.examples[: cfg.max_examples]
+    if ds.task == "el":
+        ds.examples = [p for ex in ds.examples for p in split_long_text(ex, cfg.el_max_chars)]
+    return ds
+
+
+def input_fingerprints(cfg: PrepConfig) -> list[dict]:
+    out = []
+    for key in ("input", "kb", "db", "aliases", "corpus"):
+        p = getattr(cfg, key)
+        if p:
+            out.append({"role": key, "path": str(p), "sha256": sha256_file(p)})
+    return out
+
+
+# ---- building rows ----------------------------------------------------------------------------
+
+def document_rows(tagger: Tagger, docs: list[Document], task: str) -> list[dict]:
+    rows = []
+    for d in docs:
+        row = tagger.document_row(d, entity=(task == "el"))
+        rows.append(dict(doc_id=d.doc_id, title=d.title, text=d.text, input_ids=row.input_ids, roles=row.roles))
+    return rows
+
+
+def _name_key(name: str) -> str:
+    return " ".join(name.lower().split())
+
+
+def mining_queries(ex, task: str, docs: dict[str, Document], positives: list[str], same_name: dict[str, list[str]]):
+    """One mining query per RET position: the text a retriever would get at that point."""
+    from data_prep.mining import MiningQuery
+
+    if task == "rag":
+        queries = []
+        for hop, gold in enumerate(positives):
+            text = ex.question
+            if hop > 0:
+                prev = docs[positives[hop - 1]]
+                text += " " + prev.title + " " + prev.text
+            given = [d for d in ex.context_doc_ids if d not in ex.hops]
+            queries.append(MiningQuery(key=f"{ex.example_id}#{hop}", text=text, gold=list(ex.hops), given=given))
+        return queries
+    queries = []
+    linked = [m for m in ex.mentions if m.entity_id != NIL_ID]
+    for j, (m, gold) in enumerate(zip(linked, positives)):
+        ctx = ex.text[max(0, m.start - 100): m.end + 100]
+        name = docs[gold].title
+        given = [e for e in same_name.get(_name_key(name), []) if e != gold]
+        queries.append(MiningQuery(key=f"{ex.example_id}#{j}", text=f"{ex.text[m.start:m.end]} {ctx}", gold=[gold], given=given))
+    return queries
+
+
+def query_row(tagger: Tagger, ex, task: str, docs: dict[str, Document]) -> tuple[dict, list[str]]:
+    """Tag one example; raises InputError (unknown doc id) or TooLong."""
+    if task == "rag":
+        missing = [h for h in ex.hops if h not in docs]
+        if missing:
+            raise InputError(ex.source, ex.line, "hops", f"gold document {missing[0]!r} is not in the document pool", ex.example_id)
+        row = tagger.rag_row(ex, docs)
+        positives = list(ex.hops)
+        extra = dict(question=ex.question, answer=ex.answer,
+                     answers=list(dict.fromkeys([ex.answer] + list(ex.answer_aliases))),
+                     candidates=list(ex.context_doc_ids), mentions=[])
+    else:
+        row, positives = tagger.link_row(ex)
+        missing = [p for p in positives if p not in docs]
+        if missing:
+            raise InputError(ex.source, ex.line, "labels.entity_id", f"entity {missing[0]!r} is not in the entity KB", ex.example_id)
+        extra = dict(question=ex.text, answer="", answers=[], candidates=[],
+                     mentions=[dict(start=m.start, end=m.end, entity_id=m.entity_id) for m in ex.mentions])
+    rets = ret_positions(row.roles).tolist()
+    problems = check_row_invariants(row.roles, is_query=True)
+    if len(rets) != len(positives):
+        problems.append(f"{len(rets)} RET tokens but {len(positives)} positives")
+    if problems:  # a bug in a template, not in the data: fail loudly
+        raise AssertionError(f"example {ex.example_id}: {'; '.join(problems)}")
+    out = dict(example_id=ex.example_id, task=task, input_ids=row.input_ids, roles=row.roles, ret_positions=rets,
+               positives=positives, prompt_len=row.prompt_len, **extra)
+    return out, positives
+
+
+# ---- the worker -------------------------------------------------------------------------------
+# Set in the parent before the pool forks; workers only read it (copy-on-write, no pickling).
+_STATE: dict[str, Any] = {}
+
+
+def _build_query_shard(index: int) -> dict:
+    s = _STATE
+    cfg: PrepConfig = s["cfg"]
+    examples = s["examples"][index * cfg.shard_size:(index + 1) * cfg.shard_size]
+    rows, quarantine, all_queries, spans = [], [], [], []
+    for ex in examples:
+        try:
+            row, positives = query_row(s["tagger"], ex, s["task"], s["docs"])
+        except TooLong as e:
+            quarantine.append(dict(path=ex.source, line=ex.line, record_id=ex.example_id, field=None,
+                                   reason=f"too long: {e}"))
+            continue
+        except InputError as e:
+            if cfg.on_error == "fail":
+                raise
+            quarantine.append(e.as_quarantine())
+            continue
+        qs = mining_queries(ex, s["task"], s["docs"], positives, s["same_name"])
+        spans.append((len(all_queries), len(qs)))
+        all_queries.extend(qs)
+        rows.append(row)
+    mined = s["miner"].mine(all_queries) if all_queries else []
+    for row, (start, n) in zip(rows, spans):
+        negs = mined[start:start + n]
+        row["negatives"] = [[x.doc_id for x in per] for per in negs]
+        row["neg_source"] = [[x.source for x in per] for per in negs]
+        for pos, per in zip(row["positives"], row["negatives"]):
+            assert pos not in per, f"{row['example_id']}: a negative equals its positive {pos}"
+    out_dir = Path(cfg.out) / "queries"
+    qpath = out_dir / f"shard-{index:05d}.quarantine.jsonl"
+    # The sidecar first, the shard last: a shard that exists always has its sidecar.
+    atomic_write_bytes(qpath, "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in quarantine).encode())
+    write_shard(shard_path(out_dir, index), rows, QUERIES_SCHEMA)
+    return {"index": index, "rows": len(rows), "quarantined": len(quarantine)}
+
+
+def _build_doc_shard(index: int) -> dict:
+    s = _STATE
+    cfg: PrepConfig = s["cfg"]
+    docs = s["doc_list"][index * cfg.doc_shard_size:(index + 1) * cfg.doc_shard_size]
+    rows = document_rows(s["tagger"], docs, s["task"])
+    write_shard(shard_path(Path(cfg.out) / "docs", index), rows, DOCS_SCHEMA)
+    return {"index": index, "rows": len(rows)}
+
+
+def _worker_init() -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+
+
+def _run_shards(fn, todo: list[int], num_proc: int, desc: str) -> list[dict]:
+    results = []
+    if not todo:
+        return results
+    bar = tqdm(total=len(todo), desc=desc, unit="shard", disable=len(todo) < 2)
+    if num_proc <= 1:
+        for i in todo:
+            results.append(fn(i))
+            bar.update()
+    else:
+        with mp.get_context("fork").Pool(num_proc, initializer=_worker_init) as pool:
+            for r in pool.imap_unordered(fn, todo):
+                results.append(r)
+                bar.update()
+    bar.close()
+    return results
+
+
+# ---- the stage --------------------------------------------------------------------------------
+
+def _check_or_record_config(cfg: PrepConfig, out: Path) -> None:
+    """A rerun into the same directory must use the same content config (else shards would mix)."""
+    path = out / "prep_config.json"
+    want = content_config(cfg)
+    if path.exists():
+        have = json.loads(path.read_text())
+        if sha256_json(have.get("content", {})) != sha256_json(want):
+            diff = sorted(k for k in set(have.get("content", {})) | set(want) if have.get("content", {}).get(k) != want.get(k))
+            raise ConfigError(f"{out} was prepared with another config (differs in: {', '.join(diff)}); "
+                              f"use a new --out directory or delete it")
+    else:
+        atomic_write_json(path, {"content": want, "config": asdict(cfg)})
+
+
+def _tokenizer(cfg: PrepConfig, ds: Dataset, out: Path):
+    tok_dir = out / "tokenizer"
+    if (tok_dir / "tokenizer_config.json").exists():  # a rerun: exactly the tokenizer of the shards written so far
+        tokenizer = load_tokenizer(str(tok_dir))
+    else:
+        texts = None
+        if cfg.tokenizer.startswith("bpe:"):
+            texts = corpus_texts(ds)
+        tokenizer = load_tokenizer(cfg.tokenizer, texts=texts, allow_network=cfg.allow_network)
+    token_ids = add_special_tokens(tokenizer, cfg.tokens)
+    tmp = out / ".tokenizer.tmp"
+    if not tok_dir.exists():
+        tokenizer.save_pretrained(str(tmp))
+        os.replace(tmp, tok_dir)
+    return tokenizer, token_ids
+
+
+def corpus_texts(ds: Dataset) -> list[str]:
+    """Every text the model will read, for training a BPE (sorted: the result must not depend on order)."""
+    texts = [f"{d.title}: {d.text}" for d in ds.documents.values()]
+    for ex in ds.examples:
+        texts.append(ex.question + " " + ex.answer if isinstance(ex, MultiHopExample) else ex.text)
+    return sorted(texts)
+
+
+def prepare(cfg: PrepConfig, *, log=print) -> dict:
+    """Run the whole stage; return the manifest."""
+    from data_prep.mining import NegativeMiner
+    from data_prep.readers.errors import ErrorPolicy
+
+    if not cfg.out:
+        raise ConfigError("no output directory: give --out DIR")
+    t0 = time.time()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_or_record_config(cfg, out)
+    for sub in ("docs", "queries"):
+        (out / sub).mkdir(exist_ok=True)
+        removed = remove_stale_temporaries(out / sub)
+        if removed:
+            log(f"[prep] removed {removed} half-written temporary file(s) of an interrupted run")
+
+    policy = ErrorPolicy(cfg.on_error)
+    ds = read_inputs(cfg, policy)
+    log(f"[prep] read {len(ds.examples)} {ds.task} examples and {len(ds.documents)} documents"
+        + (f" ({policy.count} records quarantined)" if policy.count else ""))
+    for note in ds.notes:
+        log(f"[prep] note: {note}")
+    if not ds.examples:
+        raise ConfigError("no usable example in the input" + (f" ({policy.count} quarantined, see quarantine.jsonl)" if policy.count else ""))
+
+    tokenizer, token_ids = _tokenizer(cfg, ds, out)
+    tagger = Tagger(tokenizer, cfg.tokens, token_ids, cfg.tagging)
+    doc_list = [ds.documents[k] for k in sorted(ds.documents)]
+    same_name: dict[str, list[str]] = {}
+    if ds.task == "el":
+        for d in doc_list:
+            same_name.setdefault(_name_key(d.title), []).append(d.doc_id)
+    log(f"[prep] building the {'BM25' if cfg.mining.bm25 else ''}{' + dense' if cfg.mining.dense else ''} "
+        f"negative miner over {len(doc_list)} documents")
+    miner = NegativeMiner(ds.documents, cfg.mining)
+
+    _STATE.update(cfg=cfg, task=ds.task, tagger=tagger, docs=ds.documents, doc_list=doc_list,
+                  examples=ds.examples, miner=miner, same_name=same_name)
+    n_doc_shards = max(1, -(-len(doc_list) // cfg.doc_shard_size))
+    n_query_shards = max(1, -(-len(ds.examples) // cfg.shard_size))
+    todo_docs = [i for i in range(n_doc_shards) if not shard_path(out / "docs", i).exists()]
+    todo_q = [i for i in range(n_query_shards) if not shard_path(out / "queries", i).exists()]
+    if len(todo_q) < n_query_shards or len(todo_docs) < n_doc_shards:
+        log(f"[prep] resuming: {n_query_shards - len(todo_q)}/{n_query_shards} query shards and "
+            f"{n_doc_shards - len(todo_docs)}/{n_doc_shards} doc shards already finished")
+    try:
+        _run_shards(_build_doc_shard, todo_docs, cfg.num_proc, "doc shards")
+        _run_shards(_build_query_shard, todo_q, cfg.num_proc, "query shards")
+    finally:
+        _STATE.clear()
+
+    return finish(cfg, out, ds, tokenizer, policy, t0, log, mining=miner.provenance())
+
+
+def finish(cfg: PrepConfig, out: Path, ds: Dataset, tokenizer, policy, t0: float, log=print, mining: dict | None = None) -> dict:
+    """Count, fingerprint and write quarantine.jsonl and the manifest (last)."""
+    import pyarrow as pa
+
+    shards = {}
+    counts = {"docs": 0, "queries": 0, "ret_tokens": 0}
+    tokens = {"docs": 0, "queries": 0}
+    for sub in ("docs", "queries"):
+        entries = []
+        for p in list_shards(out / sub):
+            with pa.memory_map(str(p)) as src:
+                table = pa.ipc.open_stream(src).read_all()
+            n = table.num_rows
+            counts[sub] += n
+            tokens[sub] += int(pa.compute.sum(pa.compute.list_value_length(table["input_ids"])).as_py() or 0)
+            if sub == "queries":
+                counts["ret_tokens"] += int(pa.compute.sum(pa.compute.list_value_length(table["ret_positions"])).as_py() or 0)
+            entries.append({"name": p.name, "rows": n, "bytes": p.stat().st_size, "sha256": sha256_file(p)})
+        shards[sub] = entries
+    quarantine = [q.as_quarantine() if hasattr(q, "as_quarantine") else q for q in policy.quarantined]
+    for side in sorted((out / "queries").glob("shard-*.quarantine.jsonl")):
+        quarantine += [json.loads(line) for line in side.read_text().splitlines() if line.strip()]
+    atomic_write_bytes(out / "quarantine.jsonl",
+                       "".join(json.dumps(q, ensure_ascii=False, sort_keys=True) + "\n" for q in quarantine).encode())
+    counts["quarantined"] = len(quarantine)
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    fingerprint = sha256_json({"shards": {k: [(e["name"], e["sha256"]) for e in v] for k, v in shards.items()},
+                               "tokenizer": tok_fp, "config": content_config(cfg)})
+    size = sum(e["bytes"] for v in shards.values() for e in v)
+    manifest = write_manifest(
+        out, "data_prep", fingerprint=fingerprint, task=ds.task, kind=cfg.kind,
+        config=asdict(cfg), inputs=input_fingerprints(cfg) if not cfg.from_hub else [{"hub": cfg.from_hub, "split": cfg.split}],
+        tokenizer={"source": cfg.tokenizer, "fingerprint": tok_fp, "vocab_size": len(tokenizer),
+                   "special_token_ids": add_special_tokens(tokenizer, cfg.tokens), "eos_token_id": tokenizer.eos_token_id},
+        counts=counts, tokens=tokens, bytes=size, shards=shards, notes=ds.notes,
+        mining=mining or {"config": asdict(cfg.mining)},
+    )
+    log(f"[prep] wrote {counts['queries']} query rows ({tokens['queries']} tokens, {counts['ret_tokens']} RET) and "
+        f"{counts['docs']} documents ({tokens['docs']} tokens), {size / 1e6:.1f} MB, to {out} in {time.time() - t0:.1f} s")
+    if quarantine:
+        log(f"[prep] {len(quarantine)} record(s) quarantined with their reasons in {out / 'quarantine.jsonl'}")
+    return manifest

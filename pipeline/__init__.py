@@ -1,0 +1,1 @@
+"""Training side of OneGen: collator, joint loss, forward pass, trainer and DeepSpeed driver."""

@@ -1,0 +1,236 @@
+"""Turns prepared query rows into one training batch: a query micro-batch and a document micro-batch.
+
+Roles are the single source of truth (design §1): CE targets come from
+``onegen.roles.next_token_targets``; RET positions are where ``roles == RET``. Both micro-batches are
+right-padded *dynamically* to their own longest row (rounded up to ``pad_to_multiple_of``), never
+to a global maximum length. Query and document rows are separate forwards because their lengths
+differ a lot.
+
+Modes (paper Table 8):
+
+* ``onegen``: generation and retrieval in the same sequence; the query RET vectors are read from the
+  query rows themselves.
+* ``git``: generation only; no documents and no RET vectors (RET tokens the model must emit still get
+  their CE target).
+* ``rit``: retrieval only; no CE targets.
+* ``grit``: generation and retrieval never share a sequence: the query row is a generation row, and
+  each RET position adds a separate retrieval row (the row's prefix up to and including that RET
+  token, whose RET vector is its last token). Retrieval rows are appended to the query micro-batch
+  (causal rows don't see each other) with no CE targets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from onegen.roles import IGNORE_INDEX, RET, next_token_targets
+from pipeline.loss import MODES
+from pipeline.negatives import pick_negatives
+
+DocsLookup = Callable[[list[str]], list[dict[str, Any]]]
+
+
+def doc_id_hash(doc_id: str) -> int:
+    """Stable signed int64 of a doc id (same on every rank and run, unlike ``hash()``)."""
+    return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+
+
+@dataclass
+class CollatorConfig:
+    mode: str = field(default="onegen", metadata={"help": "onegen | git | rit | grit"})
+    num_negatives: int = field(default=1, metadata={"help": "hard negatives sampled per RET position"})
+    max_docs_per_batch: int | None = field(
+        default=None, metadata={"help": "cap on unique docs per batch; negatives are dropped first, positives never"}
+    )
+    pad_to_multiple_of: int | None = field(default=8, metadata={"help": "round padded lengths up to a multiple"})
+    seed: int = field(default=0, metadata={"help": "seed of the negative sampling"})
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} is not one of {MODES}")
+        if self.num_negatives < 0:
+            raise ValueError(f"num_negatives must be >= 0, got {self.num_negatives}")
+
+
+@dataclass
+class Batch:
+    """One training batch. ``B`` query-micro-batch rows, ``D`` unique docs, ``R`` query RET vectors.
+
+    The ``q_*`` tensors index the query micro-batch (row, position) and the doc micro-batch
+    (positive / negatives) for every query RET vector.
+    """
+
+    mode: str
+    input_ids: torch.Tensor  # [B, L] int64 (grit: generation rows, then retrieval rows)
+    attention_mask: torch.Tensor  # [B, L] int64, 1 on real tokens
+    gen_targets: torch.Tensor  # [B, L] int64, IGNORE_INDEX where no CE target
+    q_ret_row: torch.Tensor  # [R] int64
+    q_ret_pos: torch.Tensor  # [R] int64
+    q_pos_doc: torch.Tensor  # [R] int64 index into the doc micro-batch
+    q_neg_doc: torch.Tensor  # [R, K] int64, -1 where padded
+    q_neg_mask: torch.Tensor  # [R, K] bool, True on real negatives
+    q_pos_hash: torch.Tensor  # [R] int64 doc_id_hash of the positive
+    doc_input_ids: torch.Tensor  # [D, Ld] int64
+    doc_attention_mask: torch.Tensor  # [D, Ld] int64
+    doc_ret_pos: torch.Tensor  # [D] int64, last real token of each doc row
+    doc_hash: torch.Tensor  # [D] int64
+    doc_ids: list[str]
+    example_ids: list[str]  # one per query row given to the collator
+    q_pos_ids: list[str]  # [R] positive doc id strings
+    q_neg_ids: list[list[str]]  # [R] sampled negative doc ids
+
+    @property
+    def num_docs(self) -> int:
+        return int(self.doc_input_ids.shape[0])
+
+    @property
+    def num_ret(self) -> int:
+        return int(self.q_ret_row.shape[0])
+
+    def num_gen_targets(self) -> int:
+        return int((self.gen_targets != IGNORE_INDEX).sum())
+
+    def num_tokens(self) -> int:
+        """Real (non-pad) tokens fed through the model: query and doc micro-batches."""
+        return int(self.attention_mask.sum()) + int(self.doc_attention_mask.sum())
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        kw = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kw[f.name] = v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+        return Batch(**kw)
+
+
+def _pad(rows: Sequence[np.ndarray], pad_value: int, multiple: int | None) -> torch.Tensor:
+    length = max((len(r) for r in rows), default=0)
+    if multiple and length % multiple:
+        length += multiple - length % multiple
+    out = torch.full((len(rows), length), pad_value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(np.asarray(r, dtype=np.int64))
+    return out
+
+
+def _attention(rows: Sequence[np.ndarray], width: int) -> torch.Tensor:
+    m = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        m[i, : len(r)] = 1
+    return m
+
+
+class OneGenCollator:
+    """``collator(query_rows, epoch) -> Batch``; ``docs_lookup(doc_ids)`` returns prepared doc rows in order."""
+
+    def __init__(self, docs_lookup: DocsLookup, pad_id: int, cfg: CollatorConfig | None = None) -> None:
+        self.docs_lookup = docs_lookup
+        self.pad_id = int(pad_id)
+        self.cfg = cfg or CollatorConfig()
+
+    def __call__(self, query_rows: list[dict[str, Any]], epoch: int = 0) -> Batch:
+        if not query_rows:
+            raise ValueError("empty batch: no query rows")
+        cfg = self.cfg
+        with_gen = cfg.mode != "rit"
+        with_ret = cfg.mode != "git"
+
+        ids = [np.asarray(r["input_ids"], dtype=np.int64) for r in query_rows]
+        roles = [np.asarray(r["roles"], dtype=np.int8) for r in query_rows]
+        targets = [
+            next_token_targets(i, ro, is_query=True) if with_gen else np.full(i.shape, IGNORE_INDEX, dtype=np.int64)
+            for i, ro in zip(ids, roles)
+        ]
+
+        # (row, pos, positive, negatives) of every query RET vector.
+        rets: list[tuple[int, int, str, list[str]]] = []
+        if with_ret:
+            for b, (row, ro) in enumerate(zip(query_rows, roles)):
+                positions = np.flatnonzero(ro == RET)
+                positives = list(row.get("positives") or [])
+                if len(positives) != len(positions):
+                    raise ValueError(
+                        f"example {row.get('example_id')!r}: {len(positions)} RET tokens but {len(positives)} positives"
+                    )
+                mined = list(row.get("negatives") or [[] for _ in positions])
+                own_positives = set(positives)
+                for hop, (p, pos_id) in enumerate(zip(positions, positives)):
+                    # A gold doc of any hop of this example is never its negative.
+                    pool = [d for d in (mined[hop] if hop < len(mined) else []) if d not in own_positives]
+                    negs = pick_negatives(pool, cfg.num_negatives, str(row.get("example_id", b)), hop, epoch, cfg.seed)
+                    rets.append((b, int(p), pos_id, negs))
+
+        if cfg.mode == "grit":
+            # Each RET vector comes from its own prefix row, so generation and retrieval never share a sequence.
+            base = len(ids)
+            for j, (b, p, pos_id, negs) in enumerate(rets):
+                ids.append(ids[b][: p + 1])
+                targets.append(np.full(p + 1, IGNORE_INDEX, dtype=np.int64))
+                rets[j] = (base + j, p, pos_id, negs)
+
+        doc_ids, rets = self._choose_docs(rets)
+        doc_rows = self.docs_lookup(doc_ids) if doc_ids else []
+        if len(doc_rows) != len(doc_ids):
+            raise ValueError(f"docs_lookup returned {len(doc_rows)} rows for {len(doc_ids)} doc ids")
+        doc_tok = []
+        for want, d in zip(doc_ids, doc_rows):
+            if d["doc_id"] != want:
+                raise ValueError(f"docs_lookup returned doc {d['doc_id']!r} where {want!r} was asked for")
+            r = np.asarray(d["roles"], dtype=np.int8)
+            if r.size == 0 or r[-1] != RET:
+                raise ValueError(f"doc {want!r} does not end with its RET token")
+            doc_tok.append(np.asarray(d["input_ids"], dtype=np.int64))
+
+        input_ids = _pad(ids, self.pad_id, cfg.pad_to_multiple_of)
+        gen_targets = _pad(targets, IGNORE_INDEX, cfg.pad_to_multiple_of)
+        doc_input_ids = _pad(doc_tok, self.pad_id, cfg.pad_to_multiple_of)
+
+        index = {d: i for i, d in enumerate(doc_ids)}
+        k = max((len(n) for *_, n in rets), default=0)
+        q_neg_doc = torch.full((len(rets), k), -1, dtype=torch.long)
+        for j, (*_, negs) in enumerate(rets):
+            q_neg_doc[j, : len(negs)] = torch.tensor([index[n] for n in negs], dtype=torch.long)
+
+        return Batch(
+            mode=cfg.mode,
+            input_ids=input_ids,
+            attention_mask=_attention(ids, input_ids.shape[1]),
+            gen_targets=gen_targets,
+            q_ret_row=torch.tensor([r[0] for r in rets], dtype=torch.long),
+            q_ret_pos=torch.tensor([r[1] for r in rets], dtype=torch.long),
+            q_pos_doc=torch.tensor([index[r[2]] for r in rets], dtype=torch.long),
+            q_neg_doc=q_neg_doc,
+            q_neg_mask=q_neg_doc >= 0,
+            q_pos_hash=torch.tensor([doc_id_hash(r[2]) for r in rets], dtype=torch.long),
+            doc_input_ids=doc_input_ids,
+            doc_attention_mask=_attention(doc_tok, doc_input_ids.shape[1]),
+            doc_ret_pos=torch.tensor([len(t) - 1 for t in doc_tok], dtype=torch.long),
+            doc_hash=torch.tensor([doc_id_hash(d) for d in doc_ids], dtype=torch.long),
+            doc_ids=doc_ids,
+            example_ids=[str(r.get("example_id", "")) for r in query_rows],
+            q_pos_ids=[r[2] for r in rets],
+            q_neg_ids=[r[3] for r in rets],
+        )
+
+    def _choose_docs(
+        self, rets: list[tuple[int, int, str, list[str]]]
+    ) -> tuple[list[str], list[tuple[int, int, str, list[str]]]]:
+        """Unique doc ids (positives first, then negatives by rank); drop negatives past the cap."""
+        cap = self.cfg.max_docs_per_batch
+        docs = list(dict.fromkeys(p for _, _, p, _ in rets))
+        if cap is not None and len(docs) > cap:
+            raise ValueError(f"max_docs_per_batch={cap} is below the {len(docs)} positives of this batch")
+        chosen = set(docs)
+        depth = max((len(n) for *_, n in rets), default=0)
+        # Round-robin over negative ranks so that a cap trims every query's negatives evenly.
+        for i in range(depth):
+            for _, _, _, negs in rets:
+                if i < len(negs) and negs[i] not in chosen and (cap is None or len(docs) < cap):
+                    docs.append(negs[i])
+                    chosen.add(negs[i])
+        kept = [(b, p, pos, [n for n in negs if n in chosen]) for b, p, pos, negs in rets]
+        return docs, kept

