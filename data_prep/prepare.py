@@ -25,20 +25,19 @@ from typing import Any, Literal
 
 from tqdm import tqdm
 
+from data_prep.mining import MiningConfig
 from data_prep.records import NIL_ID, Dataset, Document, LinkingExample, MultiHopExample
 from data_prep.schema import DOCS_SCHEMA, QUERIES_SCHEMA
 from data_prep.shards import list_shards, remove_stale_temporaries, shard_path, write_shard
 from data_prep.tagging import Tagger, TaggingConfig, TooLong, split_long_text
 from data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
 from onegen.errors import ConfigError, InputError
-from onegen.manifest import atomic_write_bytes, atomic_write_json, sha256_file, sha256_json, write_manifest
+from onegen.manifest import MANIFEST_NAME, atomic_write_bytes, atomic_write_json, sha256_file, sha256_json, write_manifest
 from onegen.roles import check_row_invariants, ret_positions
 from onegen.tokens import SpecialTokens, add_special_tokens
 
 
 def _mining_config_cls():
-    from data_prep.mining import MiningConfig
-
     return MiningConfig
 
 
@@ -65,7 +64,8 @@ class PrepConfig:
     num_proc: int = field(default=1, metadata={"help": "worker processes (shards are identical for any value)"})
     tagging: TaggingConfig = field(default_factory=TaggingConfig)
     tokens: SpecialTokens = field(default_factory=SpecialTokens)
-    mining: Any = field(default=None, metadata={"help": "hard-negative mining (data_prep.mining.MiningConfig)"})
+    # Typed as the dataclass (not Any) so `mining.*=...` overrides and --help-config reach its fields.
+    mining: MiningConfig = field(default_factory=MiningConfig, metadata={"help": "hard-negative mining"})
 
     def __post_init__(self) -> None:
         cls = _mining_config_cls()
@@ -284,14 +284,22 @@ def _check_or_record_config(cfg: PrepConfig, out: Path) -> None:
     """A rerun into the same directory must use the same content config (else shards would mix)."""
     path = out / "prep_config.json"
     want = content_config(cfg)
+    # The input files' hashes too: their paths are not content, but a rerun over an edited input
+    # would otherwise resume with the old shards and mix two datasets.
+    inputs = {} if cfg.from_hub else {f["role"]: f["sha256"] for f in input_fingerprints(cfg)}
     if path.exists():
         have = json.loads(path.read_text())
         if sha256_json(have.get("content", {})) != sha256_json(want):
             diff = sorted(k for k in set(have.get("content", {})) | set(want) if have.get("content", {}).get(k) != want.get(k))
             raise ConfigError(f"{out} was prepared with another config (differs in: {', '.join(diff)}); "
                               f"use a new --out directory or delete it")
+        had = have.get("inputs")
+        if had is not None and had != inputs:
+            diff = sorted(k for k in set(had) | set(inputs) if had.get(k) != inputs.get(k))
+            raise ConfigError(f"{out} was prepared from other input files (differs in: {', '.join(diff)}); "
+                              f"use a new --out directory or delete it")
     else:
-        atomic_write_json(path, {"content": want, "config": asdict(cfg)})
+        atomic_write_json(path, {"content": want, "config": asdict(cfg), "inputs": inputs})
 
 
 def _tokenizer(cfg: PrepConfig, ds: Dataset, out: Path):
@@ -330,6 +338,10 @@ def prepare(cfg: PrepConfig, *, log=print) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     _check_or_record_config(cfg, out)
+    if (out / MANIFEST_NAME).is_file():  # written last: the directory is complete, and a rerun is a no-op
+        manifest = json.loads((out / MANIFEST_NAME).read_text())
+        log(f"[prep] {out} is already prepared (fingerprint {manifest.get('fingerprint', '?')[:12]}): nothing to do")
+        return manifest
     for sub in ("docs", "queries"):
         (out / sub).mkdir(exist_ok=True)
         removed = remove_stale_temporaries(out / sub)

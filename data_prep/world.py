@@ -12,7 +12,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from data_prep.mining import MiningConfig
 from data_prep.prepare import PrepConfig, prepare
+from data_prep.synthetic import WorldConfig
 from data_prep.tagging import TaggingConfig
 from onegen.errors import ConfigError
 from onegen.manifest import MANIFEST_NAME, sha256_json
@@ -33,8 +35,9 @@ class WorldPrepConfig:
     shard_size: int = field(default=1000, metadata={"help": "query rows per shard"})
     tagging: TaggingConfig = field(default_factory=lambda: TaggingConfig(max_length=256, max_doc_length=96))
     tokens: SpecialTokens = field(default_factory=SpecialTokens)
-    world: object = field(default=None, metadata={"help": "data_prep.synthetic.WorldConfig"})
-    mining: object = field(default=None, metadata={"help": "data_prep.mining.MiningConfig"})
+    # Typed as the dataclasses (not object) so `world.*=` / `mining.*=` overrides reach their fields.
+    world: WorldConfig = field(default_factory=WorldConfig, metadata={"help": "the synthetic world"})
+    mining: MiningConfig = field(default_factory=MiningConfig, metadata={"help": "hard-negative mining"})
 
     def __post_init__(self) -> None:
         from onegen.config import from_dict

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline.collator import Batch
-from pipeline.loss import JointLossConfig, bpr_loss, bpr_scores, gen_loss_sum, infonce_logits, top1_hits, upcast
+from pipeline.loss import JointLossConfig, bpr_loss, gen_loss_sum, infonce_logits, top1_hits, upcast
 
 
 def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
@@ -67,7 +67,7 @@ def _gather_docs(
         warnings.simplefilter("ignore", FutureWarning)
         from torch.distributed.nn.functional import all_gather
 
-        vecs = [torch.zeros_like(d_p) for _ in range(world_size)]; dist.all_gather(vecs, d_p, group=group); vecs[dist.get_rank(group)] = d_p
+        vecs = all_gather(d_p, group=group)
     hashes = [torch.zeros_like(h_p) for _ in range(world_size)]
     dist.all_gather(hashes, h_p, group=group)
     rank = dist.get_rank(group=group)

@@ -1,0 +1,60 @@
+"""Embeddings from the model itself: the last-layer hidden state at RET positions, L2-normalised.
+
+Shared by the trainer's periodic evaluation and by ``evaluation`` (index building, teacher-forced
+Recall@1), so training and inference compute vectors in exactly one way.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from onegen.roles import RET
+from pipeline.forward import decoder_of
+
+
+def _pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.as_tensor(np.asarray(r, dtype=np.int64))
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def hidden_at(model: torch.nn.Module, rows: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
+              pad_id: int, batch_size: int = 32) -> list[np.ndarray]:
+    """For each row, the normalised last-layer states at its ``positions`` ([n_i, H] float32)."""
+    decoder = decoder_of(model)
+    device = next(model.parameters()).device
+    out: list[np.ndarray] = [None] * len(rows)  # type: ignore[list-item]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths together: less padding
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids, mask = _pad([rows[i] for i in idx], pad_id, device)
+        h = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        for j, i in enumerate(idx):
+            pos = torch.as_tensor(list(positions[i]), dtype=torch.long, device=h.device)
+            out[i] = F.normalize(h[j, pos].float(), dim=-1).cpu().numpy()
+    return out
+
+
+def encode_documents(model: torch.nn.Module, doc_rows: Sequence[Sequence[int]], pad_id: int,
+                     batch_size: int = 64) -> np.ndarray:
+    """[N, H] float32: one vector per document, the state of its final RET token."""
+    if not doc_rows:
+        return np.zeros((0, 0), dtype=np.float32)
+    vecs = hidden_at(model, doc_rows, [[len(r) - 1] for r in doc_rows], pad_id, batch_size)
+    return np.concatenate(vecs, axis=0)
+
+
+def query_vectors(model: torch.nn.Module, rows: Sequence[Sequence[int]], roles: Sequence[Sequence[int]],
+                  pad_id: int, batch_size: int = 32) -> list[np.ndarray]:
+    """Teacher-forced query vectors: the states at every RET position of each full row."""
+    positions = [np.flatnonzero(np.asarray(r) == RET).tolist() for r in roles]
+    return hidden_at(model, rows, positions, pad_id, batch_size)

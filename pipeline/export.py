@@ -1,0 +1,80 @@
+"""Export an HF-loadable model: safetensors weights, the tokenizer with the special tokens, the
+OneGen config, and a manifest — what ``transformers.AutoModelForCausalLM.from_pretrained`` and the
+evaluation stage load. Under ZeRO-3 the full weights are first gathered from every rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from onegen.manifest import fingerprint_files, write_manifest
+
+ONEGEN_CONFIG = "onegen_config.json"
+
+
+def export_model(engine, model, tokenizer, out_dir: Path, *, cfg, tokens, data, tokenizer_fp: str, step: int,
+                 run_id: str | None, zero3: bool) -> Path | None:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if zero3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank must call it
+    else:
+        state = engine.module.state_dict() if rank == 0 else None
+    if rank != 0:
+        dist.barrier()
+        return None
+    prefix = "lm."
+    state = {k[len(prefix):] if k.startswith(prefix) else k: v.detach().cpu().contiguous() for k, v in state.items()}
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    onegen_cfg = {
+        "special_tokens": tokens.to_dict(),
+        "special_token_ids": {t: tokenizer.convert_tokens_to_ids(t) for t in tokens.all_tokens()},
+        "mode": cfg.loss.mode,
+        "task": sorted({d.task for d in data}),
+        "train_config": asdict(cfg),
+        "tokenizer_fingerprint": tokenizer_fp,
+        "data_fingerprints": [d.fingerprint for d in data],
+        "templates": data[0].manifest["config"]["tagging"],
+        "step": step,
+        "mlflow_run_id": run_id,
+    }
+    (tmp / ONEGEN_CONFIG).write_text(json.dumps(onegen_cfg, indent=2, default=str))
+    weights = sorted(p.name for p in tmp.iterdir() if p.suffix == ".safetensors")
+    write_manifest(tmp, "train", fingerprint=fingerprint_files(tmp, weights), model_source=cfg.model.source,
+                   mode=cfg.loss.mode, step=step, tokenizer_fingerprint=tokenizer_fp,
+                   data_fingerprints=onegen_cfg["data_fingerprints"], mlflow_run_id=run_id)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    return out_dir
+
+
+def load_onegen_config(model_dir: str | Path) -> dict[str, Any]:
+    p = Path(model_dir) / ONEGEN_CONFIG
+    if not p.exists():
+        from onegen.errors import ManifestMismatch
+
+        raise ManifestMismatch(f"{model_dir} has no {ONEGEN_CONFIG}: not a onegen checkpoint export")
+    return json.loads(p.read_text())
+
+
+def load_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """The exported model and its tokenizer, loaded with plain transformers (no pickle: safetensors)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True,
+                                                 trust_remote_code=False, use_safetensors=True).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    model.eval()
+    return model, tokenizer

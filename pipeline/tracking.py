@@ -1,0 +1,141 @@
+"""Metrics and MLflow, on rank 0 only.
+
+Every metric row is first appended to ``OUTPUT/metrics.jsonl`` (local, durable, survives anything),
+then sent to MLflow. MLflow defaults to a sqlite store under the run's output; a tracking server
+is used when its URI is given. If MLflow fails (server down, gone mid-run) training goes on: the
+user is told once, and the local file keeps every metric. A resumed run continues the same
+MLflow run (its id is kept in ``OUTPUT/mlflow_run_id``); a crash marks the run FAILED.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def default_tracking_uri(output_dir: str | Path) -> str:
+    return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class Tracker:
+    def __init__(self, output_dir: str | Path, *, enabled: bool, tracking_uri: str | None, experiment: str,
+                 run_name: str, tags: dict[str, str] | None = None):
+        self.output_dir = Path(output_dir)
+        self.enabled = enabled
+        self.mlflow_ok = False
+        self.run_id: str | None = None
+        self.local = self.output_dir / "metrics.jsonl"
+        if not enabled:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.uri = tracking_uri or default_tracking_uri(self.output_dir)
+        try:
+            import mlflow
+
+            mlflow.set_tracking_uri(self.uri)
+            exp = mlflow.get_experiment_by_name(experiment)
+            exp_id = exp.experiment_id if exp else mlflow.create_experiment(
+                experiment, artifact_location=(self.output_dir / "mlartifacts").resolve().as_uri()
+                if tracking_uri is None else None)
+            id_file = self.output_dir / "mlflow_run_id"
+            previous = id_file.read_text().strip() if id_file.exists() else None
+            run = mlflow.start_run(run_id=previous, experiment_id=exp_id if not previous else None,
+                                   run_name=None if previous else run_name, tags=tags)
+            self.run_id = run.info.run_id
+            id_file.write_text(self.run_id + "\n")
+            self.mlflow_ok = True
+        except Exception as e:  # never let tracking kill training
+            self._degrade(e)
+
+    def _degrade(self, e: Exception) -> None:
+        if self.mlflow_ok or self.run_id is None:
+            print(f"[onegen] MLflow is unavailable ({type(e).__name__}: {str(e)[:200]}); metrics are kept in "
+                  f"{self.local} and training goes on", file=sys.stderr)
+        self.mlflow_ok = False
+
+    def _call(self, fn_name: str, *args, **kw) -> None:
+        if not (self.enabled and self.mlflow_ok):
+            return
+        try:
+            import mlflow
+
+            getattr(mlflow, fn_name)(*args, **kw)
+        except Exception as e:
+            self._degrade(e)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in flatten(params).items()}
+        items = list(flat.items())
+        for i in range(0, len(items), 90):  # MLflow caps a batch at 100 params
+            self._call("log_params", {k: str(v)[:6000] for k, v in items[i:i + 90]})
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        with open(self.local, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._call("log_metrics", {k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._call("log_artifact", str(path), artifact_path=artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._call("set_tags", tags)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self._call("end_run", status=status)
+
+
+def read_local_metrics(output_dir: str | Path) -> list[dict]:
+    p = Path(output_dir) / "metrics.jsonl"
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(output_dir: str | Path, path: str | Path | None = None) -> Path | None:
+    """loss, loss_gen, loss_ret and retrieval accuracy against step, as a PNG."""
+    rows = read_local_metrics(output_dir)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path or Path(output_dir) / "training_curves.png")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for key, ax in (("loss_gen", axes[0]), ("loss_ret", axes[0]), ("ret_acc", axes[1]), ("eval/retrieval_acc", axes[1])):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            xs, ys = zip(*sorted(dict(pts).items()))
+            ax.plot(xs, ys, label=key, marker="o" if key.startswith("eval") else None, markersize=3)
+    axes[0].set_title("losses")
+    axes[1].set_title("retrieval accuracy (in-batch / held-out)")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    axes[1].set_ylim(0, 1.02)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

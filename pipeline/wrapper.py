@@ -1,0 +1,25 @@
+"""The module DeepSpeed wraps: the causal LM plus the joint loss, so every step runs through
+``engine(...)`` (DeepSpeed's forward hooks and ZeRO-3 parameter fetching see one forward per
+micro-step, whatever the loss does inside: two forwards, an LM head on gathered rows, all-gathers).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.collator import Batch
+from pipeline.forward import compute_joint_loss
+from pipeline.loss import JointLossConfig
+
+
+class OneGenTrainModule(torch.nn.Module):
+    def __init__(self, lm: torch.nn.Module, loss_cfg: JointLossConfig, world_size: int):
+        super().__init__()
+        self.lm = lm
+        self.loss_cfg = loss_cfg
+        self.world_size = world_size
+        self.last_stats: dict = {}
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        loss, self.last_stats = compute_joint_loss(self.lm, batch, self.loss_cfg, world_size=self.world_size)
+        return loss
