@@ -32,7 +32,7 @@ from data_prep.shards import list_shards, remove_stale_temporaries, shard_path, 
 from data_prep.tagging import Tagger, TaggingConfig, TooLong, split_long_text
 from data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
 from onegen.errors import ConfigError, InputError
-from onegen.manifest import MANIFEST_NAME, atomic_write_bytes, atomic_write_json, sha256_file, sha256_json, write_manifest
+from onegen.manifest import MANIFEST_NAME, atomic_write_bytes, atomic_write_json, fingerprint_files, sha256_file, sha256_json, write_manifest
 from onegen.roles import check_row_invariants, ret_positions
 from onegen.tokens import SpecialTokens, add_special_tokens
 
@@ -81,10 +81,19 @@ class PrepConfig:
 _NOT_CONTENT = ("out", "num_proc", "input", "kb", "db", "aliases", "corpus", "allow_network")
 
 
+# The files that decide a saved tokenizer's ids (not model weights that may share its directory).
+_TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt", "*.model")
+
+
 def content_config(cfg: PrepConfig) -> dict:
     d = asdict(cfg)
     for k in _NOT_CONTENT:
         d.pop(k, None)
+    tok = Path(cfg.tokenizer)
+    if tok.is_dir():
+        # A local tokenizer is content by its files, not by where it lies: the fingerprint excludes paths.
+        files = sorted({p.name for pat in _TOKENIZER_FILES for p in tok.glob(pat) if p.is_file()})
+        d["tokenizer"] = "dir:" + fingerprint_files(tok, files)
     return d
 
 
@@ -129,6 +138,8 @@ def input_fingerprints(cfg: PrepConfig) -> list[dict]:
     for key in ("input", "kb", "db", "aliases", "corpus"):
         p = getattr(cfg, key)
         if p:
+            if not Path(p).is_file():
+                raise InputError(p, None, None, "file not found")
             out.append({"role": key, "path": str(p), "sha256": sha256_file(p)})
     return out
 
@@ -355,6 +366,9 @@ def prepare(cfg: PrepConfig, *, log=print) -> dict:
     for note in ds.notes:
         log(f"[prep] note: {note}")
     if not ds.examples:
+        if policy.count:  # the message points at it: it must exist
+            atomic_write_bytes(out / "quarantine.jsonl", "".join(
+                json.dumps(q.as_quarantine(), ensure_ascii=False, sort_keys=True) + "\n" for q in policy.quarantined).encode())
         raise ConfigError("no usable example in the input" + (f" ({policy.count} quarantined, see quarantine.jsonl)" if policy.count else ""))
 
     tokenizer, token_ids = _tokenizer(cfg, ds, out)

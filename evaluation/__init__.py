@@ -1,1 +1,24 @@
-"""Evaluation: answer EM/F1, retrieval recall by document id, entity-linking strong-match scores."""
+"""Evaluation: one-pass inference, the document index, baselines, and the metrics of design §6.
+
+Modules (each one job; importing this package imports none of them, so ``metrics`` stays cheap):
+
+* ``metrics``        answer EM/F1, recall by doc id, entity-linking strong match (pure, stdlib only)
+* ``runtime``        ``load_runtime(model_dir, data)``: model + tokenizer + tagger, checked against the data
+* ``index``          ``build_index`` / ``open_index`` / ``DocIndex.search`` (faiss over ``[RD]``/``[SE]`` states)
+* ``kv``             ``KVSession``: a context decoded through the KV cache, forwards counted
+* ``retrievers``     ``Retriever`` protocol: OneGen (one pass), TwoPass, BM25, Dense, No retrieval
+* ``generate``       ``answer_row`` / ``run_questions`` / ``run_dialogue`` with ``GenerationConfig``
+* ``align``          marked EL output -> character spans of the original text
+* ``linking``        ``link_row`` / ``run_linking`` / ``summarize_linking``
+* ``scoring``        ``summarize_rag``: EM/F1, Recall@k, hop Recall@1 of free generation, costs
+* ``teacher_forced`` ``teacher_forced_recall``: Recall@1 per hop from gold rows, against the index
+
+Typical use::
+
+    data = open_prepared("runs/world/rag_dev")
+    build_index(model_dir, "runs/world/rag_dev", "runs/index/rag_dev")
+    rt = load_runtime(model_dir, data)
+    idx = open_index("runs/index/rag_dev", model_dir)
+    results = run_questions(rt, OneGenRetriever(idx), GenerationConfig(max_hops=2))
+    print(summarize_rag(results, k=5), teacher_forced_recall(rt, idx))
+"""

@@ -1,0 +1,317 @@
+"""The document index: every document's RET-token vector, produced by the checkpoint itself.
+
+``build_index`` encodes each row of a prepared dataset's ``docs/`` (its final ``[RD]``/``[SE]``
+state, L2-normalised, via ``pipeline.encode`` — the vectors training used) and writes::
+
+    INDEX_DIR/embeddings.npy   float32 [N, d] (row i = doc_ids[i])
+              doc_ids.json     [N] doc ids
+              index.faiss      faiss index over the rows, inner product (= cosine: rows are unit norm)
+              manifest.json    stage "index": model + dataset fingerprints, count, dim, metric, kind
+
+The directory is written under a temporary name and renamed when complete, manifest last: an
+interrupted build never leaves a directory that ``open_index`` accepts.
+
+Kinds: ``flat`` (``IndexFlatIP``, exact, default), ``ivf`` (``IndexIVFFlat``, nlist ≈ √N,
+approximate), ``hnsw`` (``IndexHNSWFlat``, approximate). With faiss-gpu and CUDA, flat/ivf
+indexes are built and searched on the GPUs (``faiss.index_cpu_to_all_gpus``); HNSW stays on CPU.
+
+Two search settings (``DocIndex.search``): *open* (faiss over the whole index) and *distractor*
+(``restrict``: each query scored exactly against its own candidate ids, from the stored vectors).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from onegen.errors import ConfigError, ManifestMismatch
+from onegen.manifest import fingerprint_files, read_manifest, write_manifest
+
+IndexKind = Literal["flat", "ivf", "hnsw"]
+KINDS = ("flat", "ivf", "hnsw")
+EMBEDDINGS = "embeddings.npy"
+DOC_IDS = "doc_ids.json"
+FAISS_FILE = "index.faiss"
+Hits = list[tuple[str, float]]
+
+
+@dataclass
+class IndexParams:
+    """Parameters of the approximate kinds (ignored by ``flat``)."""
+
+    nlist: int | None = field(default=None, metadata={"help": "ivf: inverted lists; None = round(sqrt(N))"})
+    nprobe: int | None = field(default=None, metadata={"help": "ivf: lists visited per search; None = max(8, nlist // 8)"})
+    hnsw_m: int = field(default=32, metadata={"help": "hnsw: neighbours per node"})
+    ef_search: int = field(default=128, metadata={"help": "hnsw: search breadth"})
+
+
+def _faiss():
+    import faiss
+
+    return faiss
+
+
+def faiss_has_gpu() -> bool:
+    """True when faiss was built with GPU support, sees a GPU, and torch sees CUDA."""
+    import torch
+
+    faiss = _faiss()
+    return bool(hasattr(faiss, "index_cpu_to_all_gpus") and getattr(faiss, "get_num_gpus", lambda: 0)() > 0
+                and torch.cuda.is_available())
+
+
+def _make_faiss(emb: np.ndarray, kind: str, params: IndexParams) -> tuple[object, dict]:
+    """A CPU faiss index holding ``emb`` (trained first for ivf); and the parameters used."""
+    faiss = _faiss()
+    n, d = emb.shape
+    if kind == "flat":
+        index, used = faiss.IndexFlatIP(d), {}
+    elif kind == "ivf":
+        nlist = params.nlist or max(1, round(math.sqrt(n)))
+        if nlist > n:
+            raise ConfigError(f"ivf index: nlist={nlist} exceeds the {n} documents; lower nlist or use kind=flat")
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        used = {"nlist": nlist, "nprobe": min(nlist, params.nprobe or max(8, nlist // 8))}
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        used = {"hnsw_m": params.hnsw_m, "ef_search": params.ef_search}
+    else:
+        raise ConfigError(f"index kind {kind!r} is not one of {list(KINDS)}")
+    gpu = kind != "hnsw" and faiss_has_gpu()
+    work = faiss.index_cpu_to_all_gpus(index) if gpu else index
+    if kind == "ivf":
+        # faiss wants 39..256 training points per list; a fixed-seed sample keeps big builds cheap.
+        cap = 256 * used["nlist"]
+        rows = np.sort(np.random.default_rng(0).choice(n, cap, replace=False)) if n > cap else slice(None)
+        work.train(np.ascontiguousarray(emb[rows]))
+    if n:
+        for s in range(0, n, 65536):
+            work.add(np.ascontiguousarray(emb[s:s + 65536]))
+    used["built_on_gpu"] = gpu
+    return (faiss.index_gpu_to_cpu(work) if gpu else work), used
+
+
+def _read_docs_in_chunks(docs, chunk: int):
+    """(doc_ids, input_ids) in slices of the memory-mapped ``docs/`` table."""
+    cols = docs.select_columns(["doc_id", "input_ids"])
+    for s in range(0, len(cols), chunk):
+        part = cols[s:s + chunk]
+        yield part["doc_id"], part["input_ids"]
+
+
+def build_index(model_dir: str | Path, prepared_dir: str | Path, out_dir: str | Path, *, kind: IndexKind = "flat",
+                batch_size: int = 64, device: str | None = None, params: IndexParams | None = None,
+                runtime=None, progress: bool = True) -> dict:
+    """Encode every document of ``prepared_dir/docs`` with the checkpoint and write an index dir.
+
+    ``runtime``: an already loaded :class:`evaluation.runtime.Runtime` of ``model_dir`` to reuse
+    (else the model is loaded on ``device``). Returns the index manifest.
+    """
+    import torch
+
+    from evaluation.runtime import check_compatible, load_runtime, model_manifest
+    from pipeline.data import open_prepared
+    from pipeline.encode import encode_documents
+
+    if kind not in KINDS:
+        raise ConfigError(f"index kind {kind!r} is not one of {list(KINDS)}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    params = params or IndexParams()
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    data = open_prepared(prepared_dir)
+    mman = model_manifest(model_dir)
+    if runtime is None:
+        runtime = load_runtime(model_dir, data, device=device)
+    else:
+        if runtime.fingerprint != mman["fingerprint"]:
+            raise ManifestMismatch(f"the runtime given to build_index holds checkpoint {runtime.fingerprint[:12]}, "
+                                   f"not {model_dir} ({mman['fingerprint'][:12]})")
+        check_compatible(model_dir, data)
+    n = len(data.docs)
+    dim = int(runtime.model.config.hidden_size)
+
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        emb = np.lib.format.open_memmap(tmp / EMBEDDINGS, mode="w+", dtype=np.float32, shape=(n, dim))
+        doc_ids: list[str] = []
+        # Chunks of many batches: encode_documents sorts each chunk by length (less padding).
+        chunk = batch_size * 16
+        bar = tqdm(total=n, desc=f"index {Path(prepared_dir).name}", unit="doc", disable=not progress)
+        with torch.no_grad():
+            for ids_part, rows in _read_docs_in_chunks(data.docs, chunk):
+                vecs = encode_documents(runtime.model, rows, runtime.pad_id, batch_size)
+                if vecs.shape[1] != dim:
+                    raise ManifestMismatch(f"encoded vectors have dimension {vecs.shape[1]}, the model config says {dim}")
+                emb[len(doc_ids):len(doc_ids) + len(rows)] = vecs
+                doc_ids += ids_part
+                bar.update(len(rows))
+        bar.close()
+        emb.flush()
+        if len(set(doc_ids)) != len(doc_ids):
+            raise ManifestMismatch(f"{prepared_dir}/docs holds duplicate doc ids; the index needs unique ids")
+        (tmp / DOC_IDS).write_text(json.dumps(doc_ids))
+        index, used = _make_faiss(np.asarray(emb), kind, params)
+        del emb
+        _faiss().write_index(index, str(tmp / FAISS_FILE))
+        files = [EMBEDDINGS, DOC_IDS, FAISS_FILE]
+        manifest = write_manifest(
+            tmp, "index", fingerprint=fingerprint_files(tmp, files),
+            model_fingerprint=mman["fingerprint"], model_dir=str(Path(model_dir).resolve()),
+            prepared_fingerprint=data.fingerprint, prepared_dir=str(Path(prepared_dir).resolve()),
+            task=data.task, count=n, dim=dim, metric="ip", normalized=True, kind=kind, params=used,
+            ret_tokens=runtime.tagger.tokens.doc_ret_tokens(), faiss_version=_faiss().__version__,
+            build_seconds=round(time.perf_counter() - t0, 3),
+        )
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished temp dir into place; an old index there is moved aside first, then deleted."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class DocIndex:
+    """Document vectors and their faiss index; ``search`` in the open or the distractor setting."""
+
+    def __init__(self, doc_ids: Sequence[str], embeddings: np.ndarray, faiss_index=None, manifest: dict | None = None,
+                 path: Path | None = None) -> None:
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(doc_ids):
+            raise ManifestMismatch(f"{path or 'index'}: {len(doc_ids)} doc ids but embeddings of shape {embeddings.shape}")
+        self.doc_ids = list(doc_ids)
+        self.embeddings = embeddings
+        self.position = {d: i for i, d in enumerate(self.doc_ids)}
+        self.manifest = manifest or {}
+        self.path = path
+        self._faiss = faiss_index
+
+    @classmethod
+    def from_arrays(cls, doc_ids: Sequence[str], embeddings: np.ndarray) -> "DocIndex":
+        """An in-memory exact index (used by the dense pipeline baseline and tests)."""
+        emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+        index = _faiss().IndexFlatIP(emb.shape[1])
+        if len(emb):
+            index.add(emb)
+        return cls(doc_ids, emb, index, {"kind": "flat", "metric": "ip", "count": len(doc_ids), "dim": emb.shape[1]})
+
+    def __len__(self) -> int:
+        return len(self.doc_ids)
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def vector(self, doc_id: str) -> np.ndarray:
+        return np.asarray(self.embeddings[self._pos(doc_id)], dtype=np.float32)
+
+    def _pos(self, doc_id: str) -> int:
+        try:
+            return self.position[doc_id]
+        except KeyError:
+            raise ManifestMismatch(f"document {doc_id!r} is not in the index {self.path or ''} "
+                                   f"({len(self)} docs); was it built from the same prepared dataset?") from None
+
+    def search(self, queries: np.ndarray, k: int, restrict: Sequence[Sequence[str] | None] | None = None) -> list[Hits]:
+        """Top-``k`` ``(doc_id, inner product)`` per query, best first.
+
+        ``queries``: [n, d] (L2-normalise them first: the stored vectors are unit norm).
+        ``restrict``: per query, the candidate doc ids to score (the distractor setting; exact, from
+        the stored vectors; ties keep candidate order); None (or a None entry) searches the whole
+        index with faiss (the open setting).
+        """
+        q = np.asarray(queries, dtype=np.float32)
+        q = np.ascontiguousarray(q[None] if q.ndim == 1 else q)
+        if q.ndim != 2 or (len(q) and q.shape[1] != self.dim):
+            raise ValueError(f"queries of shape {q.shape} do not match the index dimension {self.dim}")
+        if k < 1:
+            raise ConfigError(f"k must be >= 1, got {k}")
+        if restrict is not None and len(restrict) != len(q):
+            raise ValueError(f"{len(q)} queries but {len(restrict)} candidate lists")
+        out: list[Hits | None] = [None] * len(q)
+        open_rows = []
+        for i in range(len(q)):
+            cands = restrict[i] if restrict is not None else None
+            if cands is None:
+                open_rows.append(i)
+                continue
+            if not len(cands):
+                out[i] = []
+                continue
+            pos = np.fromiter((self._pos(c) for c in cands), dtype=np.int64, count=len(cands))
+            scores = np.asarray(self.embeddings[pos], dtype=np.float32) @ q[i]
+            top = np.argsort(-scores, kind="stable")[:k]
+            out[i] = [(str(cands[j]), float(scores[j])) for j in top]
+        if open_rows:
+            if self._faiss is None:
+                raise ManifestMismatch(f"{self.path}: this index has no faiss index for the open setting")
+            scores, ids = self._faiss.search(q[open_rows], min(k, max(len(self), 1)))
+            for row, i in enumerate(open_rows):
+                out[i] = [(self.doc_ids[j], float(s)) for j, s in zip(ids[row], scores[row]) if j >= 0]
+        return out  # type: ignore[return-value]
+
+
+def open_index(index_dir: str | Path, model_dir: str | Path | None = None, *, use_gpu: bool | None = None,
+               nprobe: int | None = None, mmap: bool = True) -> DocIndex:
+    """Load an index directory (no pickle anywhere) and check it against the checkpoint ``model_dir``.
+
+    Raises ``ManifestMismatch`` when the directory is incomplete (no manifest: an interrupted
+    build), its files disagree with the manifest, or it was built by another checkpoint.
+    ``use_gpu``: None = on the GPU when faiss-gpu and CUDA are there (flat/ivf only).
+    """
+    index_dir = Path(index_dir)
+    man = read_manifest(index_dir, expect_stage="index")
+    for f in (EMBEDDINGS, DOC_IDS, FAISS_FILE):
+        if not (index_dir / f).is_file():
+            raise ManifestMismatch(f"{index_dir} has a manifest but no {f}: the index is incomplete; rebuild it")
+    if model_dir is not None:
+        from evaluation.runtime import model_manifest
+
+        want = model_manifest(model_dir)["fingerprint"]
+        if man.get("model_fingerprint") != want:
+            raise ManifestMismatch(
+                f"index {index_dir} was built by checkpoint {str(man.get('model_fingerprint'))[:12]} "
+                f"({man.get('model_dir')}) but the model given is {model_dir} ({want[:12]}): its document vectors "
+                f"do not live in this model's embedding space; rebuild the index with this model "
+                f"(build_index({str(model_dir)!r}, {man.get('prepared_dir')!r}, ...))"
+            )
+    emb = np.load(index_dir / EMBEDDINGS, allow_pickle=False, mmap_mode="r" if mmap else None)
+    doc_ids = json.loads((index_dir / DOC_IDS).read_text())
+    if emb.shape != (man["count"], man["dim"]) or len(doc_ids) != man["count"]:
+        raise ManifestMismatch(f"{index_dir}: files hold {len(doc_ids)} ids / embeddings {emb.shape} but the manifest "
+                               f"says {man['count']} x {man['dim']}; the directory was modified after the build")
+    faiss = _faiss()
+    index = faiss.read_index(str(index_dir / FAISS_FILE))
+    if index.ntotal != man["count"]:
+        raise ManifestMismatch(f"{index_dir}/{FAISS_FILE} holds {index.ntotal} vectors, the manifest says {man['count']}")
+    params = man.get("params", {})
+    if man.get("kind") == "ivf":
+        index.nprobe = int(nprobe or params.get("nprobe", 8))
+    elif man.get("kind") == "hnsw":
+        index.hnsw.efSearch = int(params.get("ef_search", 128))
+    if (faiss_has_gpu() if use_gpu is None else use_gpu) and man.get("kind") != "hnsw":
+        index = faiss.index_cpu_to_all_gpus(index)
+    return DocIndex(doc_ids, emb, index, man, index_dir)

@@ -1,0 +1,222 @@
+"""Entity-linking inference: the model rewrites the text marking mentions, and links each one itself.
+
+Per EL row (prompt = ``input_ids[:prompt_len]``: instruction + text + "Marked:")::
+
+    decode greedily through the KV cache
+    <m> surface [LK]   -> [LK] and the forced [CON] are fed in ONE forward: the state at [LK]
+                          (causal: unaffected by [CON] after it) is the query, searched in the
+                          entity index ([SE] states of the KB = the EL prepared docs/); the
+                          logits after [CON] give the next token
+    ... EOS            -> markers stripped, mentions aligned to the original text
+                          (``evaluation.align``) -> predictions (start, end, entity_id)
+
+Light grammar constraints keep the output parseable (``constrain``): ``<m>`` only outside a
+mention, ``[LK]`` only inside one with at least one surface token, the RAG tokens and ``[CON]``
+never generated (``[CON]`` is always forced).
+
+``replay``: instead of decoding, feed a given output (e.g. the gold ``input_ids[prompt_len:]``),
+still linking at every ``[LK]`` with the model's own state — entity linking *given the gold
+mentions* (disambiguation only), whose hop-aligned Recall@1 is the free-running counterpart of the
+teacher-forced number.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from evaluation.align import align_mentions, parse_marked
+from evaluation.index import DocIndex, Hits
+from evaluation.kv import KVSession
+from evaluation.metrics import NIL_ID, aggregate, el_scores, hop_recall_at_1
+from evaluation.runtime import Runtime
+from onegen.errors import ConfigError
+
+EL_NEVER_GENERATED = ("rq", "rd", "para_open", "para_close", "se", "con")
+
+
+@dataclass
+class LinkConfig:
+    max_new_tokens: int | None = field(default=None, metadata={"help": "most generated tokens; None = 2 x the text's tokens + 16"})
+    k: int = field(default=5, metadata={"help": "entities retrieved per [LK] (top-1 is the prediction)"})
+    max_links: int = field(default=64, metadata={"help": "most mentions per text; then <m> and [LK] are masked"})
+    nil_threshold: float | None = field(default=None, metadata={"help": "predict NIL when the top-1 score is below this (None: never)"})
+    constrain: bool = field(default=True, metadata={"help": "grammar masks: <m> only outside a mention, [LK] only inside a non-empty one"})
+    max_context: int | None = field(default=None, metadata={"help": "max context tokens; None = the model's max_position_embeddings"})
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.max_links < 0 or (self.max_new_tokens is not None and self.max_new_tokens < 1):
+            raise ConfigError(f"LinkConfig: k >= 1, max_links >= 0 and max_new_tokens >= 1 are required, got {self}")
+
+
+@dataclass
+class Link:
+    retrieved: Hits
+    position: int  # index of [LK] in the context
+    span: tuple[int, int] | None = None  # character span in the original text (None: unaligned/stray)
+    query: np.ndarray | None = field(default=None, repr=False)
+
+
+@dataclass
+class LinkResult:
+    example_id: str
+    text: str
+    output_text: str
+    predictions: list[tuple[int, int, str]]
+    gold: list[tuple[int, int, str]]
+    gold_links: list[str]  # the entity of each gold [LK], in order (the row's positives)
+    links: list[Link]
+    unaligned: int  # marked mentions that could not be placed in the original text
+    stop_reason: str
+    n_generated: int
+    decode_steps: int
+    prefills: int
+    link_forwards: int  # [LK]+[CON] forwards (one per link)
+    wall_s: float
+    output_ids: list[int] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["links"] = [{"retrieved": [[i, s] for i, s in l.retrieved], "position": l.position, "span": l.span}
+                      for l in self.links]
+        d.pop("output_ids")
+        return d
+
+
+def _banned(rt: Runtime) -> torch.Tensor:
+    ids = sorted({rt.ids[k] for k in EL_NEVER_GENERATED})
+    pad = rt.tokenizer.pad_token_id
+    if pad is not None and pad != rt.eos_id:
+        ids.append(int(pad))
+    return torch.tensor(ids, dtype=torch.long, device=rt.device)
+
+
+def link_row(rt: Runtime, row: dict, index: DocIndex, cfg: LinkConfig | None = None, *,
+             replay: Sequence[int] | None = None) -> LinkResult:
+    """Link one prepared EL row (free decoding, or ``replay`` of a given output)."""
+    cfg = cfg or LinkConfig()
+    t0 = time.perf_counter()
+    ids = rt.ids
+    m_open, lk, con, eos = ids["mention_open"], ids["lk"], ids["con"], rt.eos_id
+    banned = _banned(rt)
+    text = row["question"]
+    limit = cfg.max_new_tokens or 2 * len(rt.tagger.encode(" " + text)) + 16
+    if replay is not None:
+        seq = [int(t) for t in replay]
+        replay = [t for i, t in enumerate(seq) if not (t == con and i > 0 and seq[i - 1] == lk)]
+        limit = max(limit, len(replay))
+    s = KVSession(rt, cfg.max_context)
+    s.push(list(row["input_ids"][: int(row["prompt_len"])]))
+    out = s.forward("prefill")
+    gen_start = len(s.context)
+    generated: list[int] = []
+    links: list[Link] = []
+    in_mention, mention_len, stop = False, 0, None
+    while stop is None:
+        if len(generated) >= limit:
+            stop = "max_new_tokens"
+            break
+        if s.room() < 2:
+            stop = "context_full"
+            break
+        if replay is not None:
+            if len(generated) >= len(replay):
+                stop = "replay_end"
+                break
+            tok = replay[len(generated)]
+        else:
+            logits = out.logits.clone()
+            logits[banned] = float("-inf")
+            if len(links) >= cfg.max_links:
+                logits[m_open] = logits[lk] = float("-inf")
+            if cfg.constrain:
+                if in_mention:
+                    logits[m_open] = float("-inf")
+                if not in_mention or mention_len == 0:
+                    logits[lk] = float("-inf")
+            tok = int(torch.argmax(logits))
+        generated.append(tok)
+        if tok == eos:
+            s.push([tok])
+            stop = "eos"
+            break
+        if tok == lk:
+            s.push([lk, con])
+            out = s.forward("link")  # [LK] and the forced [CON] together: state at [LK] = hidden[-2]
+            q = F.normalize(out.hidden[-2].float(), dim=-1).cpu().numpy()
+            hits = index.search(q[None], cfg.k)[0]
+            links.append(Link(hits, len(s.context) - 2, None, q))
+            in_mention = False
+            continue
+        if tok == m_open:
+            in_mention, mention_len = True, 0
+        elif in_mention:
+            mention_len += 1
+        s.push([tok])
+        if len(generated) >= limit:
+            continue
+        out = s.forward("decode")
+
+    marked = parse_marked(generated, rt.tokenizer, mention_open=m_open, lk=lk, con=con, eos=eos)
+    spans = align_mentions(marked, text)
+    predictions: list[tuple[int, int, str]] = []
+    unaligned = 0
+    for m, span in zip(marked.mentions, spans):
+        if span is None or m.link >= len(links):
+            unaligned += 1
+            continue
+        link = links[m.link]
+        link.span = span
+        top = link.retrieved[0] if link.retrieved else None
+        entity = NIL_ID if top is None or (cfg.nil_threshold is not None and top[1] < cfg.nil_threshold) else top[0]
+        predictions.append((span[0], span[1], entity))
+    counts = s.forwards
+    return LinkResult(
+        example_id=str(row.get("example_id", "")), text=text,
+        output_text=rt.tokenizer.decode(s.context[gen_start:], skip_special_tokens=False),
+        predictions=predictions, gold=[(int(m["start"]), int(m["end"]), str(m["entity_id"])) for m in row.get("mentions") or []],
+        gold_links=list(row.get("positives") or []), links=links, unaligned=unaligned, stop_reason=stop,
+        n_generated=len(generated), decode_steps=counts.get("decode", 0), prefills=counts.get("prefill", 0),
+        link_forwards=counts.get("link", 0), wall_s=time.perf_counter() - t0, output_ids=list(s.context[gen_start:]),
+    )
+
+
+def run_linking(rt: Runtime, index: DocIndex, cfg: LinkConfig | None = None, indices: Sequence[int] | None = None, *,
+                gold_mentions: bool = False, progress: bool = True) -> list[LinkResult]:
+    """Link rows of the runtime's EL dataset; ``gold_mentions`` replays each row's gold output."""
+    if rt.data is None or rt.data.task != "el":
+        raise ConfigError("run_linking needs a runtime loaded with an entity-linking prepared dataset (task 'el')")
+    indices = list(range(len(rt.data))) if indices is None else list(indices)
+    results = []
+    bar = tqdm(total=len(indices), desc="link", unit="text", disable=not progress)
+    for s in range(0, len(indices), 64):
+        for row in rt.data.query_rows(indices[s:s + 64]):
+            replay = list(row["input_ids"][int(row["prompt_len"]):]) if gold_mentions else None
+            results.append(link_row(rt, row, index, cfg, replay=replay))
+            bar.update(1)
+    bar.close()
+    return results
+
+
+def summarize_linking(results: Sequence[LinkResult]) -> dict[str, Any]:
+    """GERBIL strong-match P/R/F1 and mention detection (``metrics.el_scores``), link Recall@1, costs."""
+    out: dict[str, Any] = el_scores([r.predictions for r in results], [r.gold for r in results])
+    records = []
+    for r in results:
+        rec: dict[str, Any] = {"wall_s": r.wall_s, "n_links": len(r.links), "unaligned": r.unaligned}
+        if r.gold_links:
+            rec["hop_recall_at_1"] = hop_recall_at_1([l.retrieved[:1] for l in r.links], r.gold_links)
+        records.append(rec)
+    agg = aggregate(records, ["hop_recall_at_1", "wall_s", "n_links", "unaligned"])
+    out["link_recall_at_1"] = agg.get("hop_recall_at_1")
+    out.update({k: agg[k] for k in ("wall_s", "n_links", "unaligned") if k in agg})
+    out["n"] = len(results)
+    out["stop_reasons"] = dict(Counter(r.stop_reason for r in results))
+    return out

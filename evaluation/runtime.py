@@ -1,0 +1,149 @@
+"""A loaded checkpoint ready for inference: model, tokenizer, tagger, special-token ids, documents.
+
+Everything evaluation needs from a model export (``pipeline.export``) and a prepared dataset
+(``data_prep``), loaded once and checked against each other: the dataset must have been tokenised
+with the model's tokenizer and must use the same special-token ids, else ``ManifestMismatch``.
+
+The tagger (the *same* ``data_prep.tagging.Tagger`` that built the training rows) is configured
+with the prepared dataset's templates, so inference inserts ``<paragraph>…</paragraph>`` exactly as
+the rows of that dataset do; without a dataset, the templates recorded in the model's
+``onegen_config.json`` (those of its training data) are used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_prep.records import Document
+from data_prep.tagging import Tagger, TaggingConfig
+from onegen.config import from_dict
+from onegen.errors import ManifestMismatch
+from onegen.manifest import read_manifest
+from onegen.tokens import SpecialTokens
+from pipeline.data import PreparedData
+from pipeline.export import load_model, load_onegen_config
+from pipeline.forward import decoder_of
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def model_manifest(model_dir: str | Path) -> dict:
+    """The export's manifest (stage ``train``), with a clear error when it is not a model export."""
+    return read_manifest(model_dir, expect_stage="train")
+
+
+def check_compatible(model_dir: str | Path, data: PreparedData) -> None:
+    """Refuse a prepared dataset tokenised differently from the model (ids would silently be wrong)."""
+    man = model_manifest(model_dir)
+    ocfg = load_onegen_config(model_dir)
+    want = data.manifest.get("tokenizer", {})
+    if man.get("tokenizer_fingerprint") and want.get("fingerprint") and man["tokenizer_fingerprint"] != want["fingerprint"]:
+        raise ManifestMismatch(
+            f"{data.path} was tokenised with tokenizer {want['fingerprint'][:12]} but the model {model_dir} uses "
+            f"{man['tokenizer_fingerprint'][:12]}; prepare the data with the model's tokenizer "
+            f"(python -m data_prep ... --tokenizer {model_dir})"
+        )
+    have_ids, data_ids = ocfg.get("special_token_ids", {}), want.get("special_token_ids", {})
+    diff = {t: (data_ids.get(t), i) for t, i in have_ids.items() if t in data_ids and data_ids[t] != i}
+    if diff:
+        raise ManifestMismatch(f"{data.path} and the model {model_dir} disagree on special-token ids "
+                               f"(token: (data id, model id)) {diff}")
+
+
+def tagger_for(tokenizer: Any, onegen_cfg: dict, data: PreparedData | None = None) -> Tagger:
+    """The tagger with the dataset's templates (or, without a dataset, the model's training templates)."""
+    if data is not None and "tagging" in data.manifest.get("config", {}):
+        templates = data.manifest["config"]["tagging"]
+        tokens = data.manifest["config"].get("tokens") or onegen_cfg["special_tokens"]
+    else:
+        templates = onegen_cfg.get("templates") or {}
+        tokens = onegen_cfg["special_tokens"]
+    cfg = from_dict(TaggingConfig, templates, where="templates")
+    special = SpecialTokens.from_dict(tokens)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special.all_tokens()}
+    return Tagger(tokenizer, special, ids, cfg)
+
+
+class DocStore:
+    """``doc_id -> Document`` over a prepared dataset's ``docs/`` (read lazily, memory-mapped)."""
+
+    def __init__(self, data: PreparedData) -> None:
+        self.data = data
+        self._cols = data.docs.select_columns(["doc_id", "title", "text"])
+
+    def __contains__(self, doc_id: str) -> bool:
+        return doc_id in self.data.doc_index
+
+    def __len__(self) -> int:
+        return len(self.data.doc_index)
+
+    def get(self, doc_id: str) -> Document:
+        try:
+            row = self._cols[self.data.doc_index[doc_id]]
+        except KeyError:
+            raise ManifestMismatch(f"document {doc_id!r} is not in {self.data.path}/docs") from None
+        return Document(row["doc_id"], row["title"], row["text"])
+
+    def all(self) -> list[Document]:
+        cols = self._cols[:]
+        return [Document(d, t, x) for d, t, x in zip(cols["doc_id"], cols["title"], cols["text"])]
+
+
+@dataclass
+class Runtime:
+    """A checkpoint loaded for inference (one per process; share it between retrievers and loops)."""
+
+    model_dir: Path
+    model: torch.nn.Module
+    tokenizer: Any
+    tagger: Tagger
+    onegen_config: dict
+    manifest: dict
+    docs: DocStore | None = None
+    data: PreparedData | None = None
+    ids: dict[str, int] = field(default_factory=dict)  # key ("rq", "lk", ...) -> token id
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def decoder(self) -> torch.nn.Module:
+        return decoder_of(self.model)
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.tokenizer.eos_token_id)
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+
+
+def load_runtime(model_dir: str | Path, data: PreparedData | None = None, *, device: str | None = None,
+                 dtype: torch.dtype = torch.float32) -> Runtime:
+    """Load an exported checkpoint (and check it against ``data`` when given)."""
+    model_dir = Path(model_dir)
+    man = model_manifest(model_dir)
+    ocfg = load_onegen_config(model_dir)
+    if data is not None:
+        check_compatible(model_dir, data)
+    model, tokenizer = load_model(model_dir, device=device or default_device(), dtype=dtype)
+    tagger = tagger_for(tokenizer, ocfg, data)
+    ids = {k: tagger.tid(k) for k in SpecialTokens.KEYS}
+    return Runtime(model_dir, model, tokenizer, tagger, ocfg, man, DocStore(data) if data is not None else None, data, ids)

@@ -1,0 +1,136 @@
+"""Entity-linking inference: marked output -> spans, the [LK] query, [CON] forcing, end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from data_prep.records import NIL_ID, LinkingExample, Mention
+from evaluation.align import MarkedMention, MarkedOutput, align_mentions, parse_marked
+from evaluation.index import build_index, open_index
+from evaluation.linking import LinkConfig, link_row, run_linking, summarize_linking
+from evaluation.metrics import el_scores
+from evaluation.runtime import load_runtime, tagger_for
+from pipeline.data import open_prepared
+from pipeline.encode import hidden_at
+from tests.eval_fixtures import decoder_call_counter, random_model, trained_model, world  # noqa: F401
+
+TEXT = "Laves met Laves in Roneria. Then Letaso left Laves."
+#       0         10        20        30        40        50
+
+
+@pytest.fixture(scope="module")
+def tagger(world):  # noqa: F811
+    tok = AutoTokenizer.from_pretrained(str(world / "tokenizer"), local_files_only=True)
+    return tagger_for(tok, {}, open_prepared(world / "el_dev"))
+
+
+def _parse(tagger, ids):
+    return parse_marked(ids, tagger.tok, mention_open=tagger.tid("mention_open"), lk=tagger.tid("lk"),
+                        con=tagger.tid("con"), eos=tagger.eos)
+
+
+def test_spans_from_tagger_output_repeated_mention_and_nil(tagger):
+    # The second "Laves" (10..15) and the third (45..50) are linked; "Letaso" is NIL (left unmarked).
+    ex = LinkingExample("x", TEXT, [Mention(10, 15, "E1"), Mention(19, 26, "E2"), Mention(33, 39, NIL_ID),
+                                    Mention(45, 50, "E1")])
+    row, positives = tagger.link_row(ex)
+    assert positives == ["E1", "E2", "E1"]
+    marked = _parse(tagger, row.input_ids[row.prompt_len:])
+    assert marked.text == " " + TEXT and [marked.surface(m) for m in marked.mentions] == ["Laves", "Roneria", "Laves"]
+    spans = align_mentions(marked, TEXT)
+    assert spans == [(10, 15), (19, 26), (45, 50)]
+    preds = [(s, e, positives[m.link]) for m, (s, e) in zip(marked.mentions, spans)]
+    scores = el_scores([preds], [[(m.start, m.end, m.entity_id) for m in ex.mentions]])
+    assert scores["tp"] == 3 and scores["fp"] == scores["fn"] == 0 and scores["f1"] == 1.0
+    assert scores["md_fn"] == 1  # the NIL gold span was not detected (mention detection counts it)
+
+
+def test_spans_from_hand_made_output(tagger):
+    enc = tagger.encode
+    m, lk, con = tagger.tid("mention_open"), tagger.tid("lk"), tagger.tid("con")
+    # The model marks the FIRST "Laves" and the LAST one, and a stray [LK] without <m>.
+    ids = [m] + enc(" Laves") + [lk, con] + enc(" met Laves in Roneria. Then Letaso left ") + [m] + enc("Laves") + \
+        [lk, con] + enc(".") + [lk, con] + [tagger.eos] + enc(" ignored")
+    marked = _parse(tagger, ids)
+    assert marked.stray_links == [2] and [mm.link for mm in marked.mentions] == [0, 1]
+    assert align_mentions(marked, TEXT) == [(0, 5), (45, 50)]
+
+
+def test_alignment_survives_rewrites():
+    # The model dropped "in" and changed a word: ends that no longer line up fall back to the
+    # surface's occurrence nearest to where the alignment puts it (never before the previous mention).
+    g = " Laves met Laves Roneria. Then Letaso went Laves."
+    out = MarkedOutput(g, [MarkedMention(11, 16, 0), MarkedMention(17, 24, 1), MarkedMention(43, 48, 2)], [])
+    assert align_mentions(out, TEXT) == [(10, 15), (19, 26), (45, 50)]
+    # A surface absent from the text cannot be placed: None, never a guess.
+    out = MarkedOutput(" Laves met Zorro", [MarkedMention(11, 16, 0)], [])
+    assert align_mentions(out, TEXT) == [None]
+
+
+@pytest.fixture(scope="module")
+def el_setup(random_model, world, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("el_idx") / "el_dev"
+    build_index(random_model, world / "el_dev", out, progress=False)
+    data = open_prepared(world / "el_dev")
+    return load_runtime(random_model, data, device="cpu"), open_index(out, random_model), data
+
+
+def test_replay_gold_output_links_every_mention(el_setup):
+    rt, idx, data = el_setup
+    rows = [r for r in data.query_rows(list(range(len(data)))) if len(r["positives"]) >= 2][:2]
+    assert rows
+    for row in rows:
+        stats, handle = decoder_call_counter(rt)
+        try:
+            r = link_row(rt, row, idx, LinkConfig(k=3), replay=row["input_ids"][row["prompt_len"]:])
+        finally:
+            handle.remove()
+        gold_linked = [(m["start"], m["end"]) for m in row["mentions"] if m["entity_id"] != NIL_ID]
+        assert [(s, e) for s, e, _ in r.predictions] == gold_linked and r.unaligned == 0
+        assert r.stop_reason == "eos" and len(r.links) == len(row["positives"]) == r.link_forwards
+        # [CON] is forced with [LK] in the same forward: one forward per link, none extra.
+        assert stats["calls"] == r.prefills + r.decode_steps + r.link_forwards
+        context = list(row["input_ids"])
+        assert list(row["input_ids"][: row["prompt_len"]]) + r.output_ids == context
+        for link, (_, _, ent) in zip(r.links, r.predictions):
+            assert context[link.position] == rt.ids["lk"] and context[link.position + 1] == rt.ids["con"]
+            fresh = hidden_at(rt.model, [context[: link.position + 1]], [[link.position]], rt.pad_id)[0][0]
+            np.testing.assert_allclose(link.query, fresh, atol=1e-4)
+            assert ent == link.retrieved[0][0] and len(link.retrieved) == 3
+    s = summarize_linking([r])
+    assert s["md_f1"] > 0 and 0 <= s["link_recall_at_1"] <= 1
+
+
+def test_free_decoding_is_well_formed(el_setup):
+    rt, idx, data = el_setup
+    row = data.query_rows([0])[0]
+    r = link_row(rt, row, idx, LinkConfig(max_new_tokens=30))
+    assert r.n_generated <= 30 and r.stop_reason in ("eos", "max_new_tokens")
+    never = {rt.ids[k] for k in ("rq", "rd", "para_open", "para_close", "se")}
+    assert not never & set(r.output_ids)
+    lk, con = rt.ids["lk"], rt.ids["con"]
+    assert all(r.output_ids[i + 1] == con for i, t in enumerate(r.output_ids) if t == lk)
+    assert all(0 <= s < e <= len(row["question"]) for s, e, _ in r.predictions)
+    json.dumps(r.to_dict())
+
+
+@pytest.mark.slow
+def test_linking_end_to_end_trained(trained_model, world, tmp_path):  # noqa: F811
+    build_index(trained_model, world / "el_dev", tmp_path / "kb", progress=False)
+    idx = open_index(tmp_path / "kb", trained_model)
+    rt = load_runtime(trained_model, open_prepared(world / "el_dev"), device="cpu")
+    free = run_linking(rt, idx, LinkConfig(max_new_tokens=40), indices=range(3), progress=False)
+    given = run_linking(rt, idx, indices=range(3), gold_mentions=True, progress=False)
+    for results in (free, given):
+        s = summarize_linking(results)
+        for key in ("precision", "recall", "f1", "md_f1"):
+            assert 0.0 <= s[key] <= 1.0
+        assert s["n"] == 3
+        for r in results:
+            json.loads(json.dumps(r.to_dict()))
+    s = summarize_linking(given)
+    assert s["md_recall"] > 0.5 and s["link_recall_at_1"] is not None
