@@ -10,7 +10,8 @@ seed gives byte-identical files.
 Files written to ``out_dir``:
 
 * ``train.json``, ``dev.json``: HotpotQA layout (``_id, answer, question, supporting_facts,
-  context, type, level``), bridge and comparison questions, 2 gold + ``distractors`` paragraphs.
+  context, type, level``) plus 2Wiki's ``entity_ids, evidences, evidences_id, answer_id`` (the 2WikiMultihopQA
+  layout; one evidence triple per hop), bridge ("compositional") and comparison questions, 2 gold + ``distractors`` paragraphs.
 * ``el_train.jsonl``, ``el_dev.jsonl``: ELEVANT layout; some names are shared by two entities
   (only the context words tell them apart); dev has ``<NIL>`` mentions (names not in the KB;
   ``name`` "Unknown", ``type`` "OTHER", as in the real ELEVANT files).
@@ -394,15 +395,25 @@ class QuestionMaker:
         paragraphs = gold + distractors
         self.rng.shuffle(paragraphs)
         ents = self.w.entities
+        # 2WikiMultihopQA layout (HotpotQA's plus evidence triples, one per hop): the 2Wiki reader
+        # turns each triple into the short lead the model writes before that hop's [RQ].
+        evidences = [[ents[i].name, a, self.w.value_text(ents[i], a)] for i, a in facts]
         return {
             "_id": _hex_id(self.rng, self.used_ids),
-            "answer": answer,
-            "question": question,
-            "supporting_facts": [[ents[i].name, ents[i].fact_sentence[a]] for i, a in facts],
-            "context": [[ents[i].name, ents[i].sentences] for i in paragraphs],
             "type": qtype,
-            "level": "hard" if n_hard >= 3 else "medium" if n_hard >= 1 else "easy",
+            "question": question,
+            "context": [[ents[i].name, ents[i].sentences] for i in paragraphs],
+            "entity_ids": "_".join(ents[i].eid for i in gold),
+            "supporting_facts": [[ents[i].name, ents[i].fact_sentence[a]] for i, a in facts],
+            "evidences": evidences,
+            "answer": answer,
+            "evidences_id": [[ents[i].eid, a, self._value_id(ents[i], a)] for i, a in facts],
+            "answer_id": None,
         }
+
+    def _value_id(self, e, attr: str) -> str:
+        value = e.values[attr]
+        return self.w.entities[value].eid if attr in RELATIONS[e.kind] else str(value)
 
     def _bridge(self) -> tuple[str, str, str, list[tuple[int, str]]] | None:
         ents = self.w.entities
@@ -417,7 +428,7 @@ class QuestionMaker:
             return None
         attr = self.rng.choice(attrs)
         question = BRIDGE_TEMPLATE.format(attr=attr, rel=rel, e1=e1.name)
-        return question, self.w.value_text(e2, attr), "bridge", [(e1.index, rel), (e2.index, attr)]
+        return question, self.w.value_text(e2, attr), "compositional", [(e1.index, rel), (e2.index, attr)]
 
     def _comparison(self) -> tuple[str, str, str, list[tuple[int, str]]] | None:
         template, kind, attr, pick = self.rng.choice(COMPARISONS)
@@ -638,7 +649,7 @@ def _summary(cfg: WorldConfig, world: World, questions: dict, el: dict, files: d
         counts[split] = {
             "entities": {k: sum(e.in_world and e.kind == k for e in ents) for k in KINDS},
             "namesakes": sum(not e.in_world for e in ents),
-            "questions": {t: sum(q["type"] == t for q in questions[split]) for t in ("bridge", "comparison")},
+            "questions": {t: sum(q["type"] == t for q in questions[split]) for t in ("compositional", "comparison")},
             "el_sentences": len(el[split]),
             "el_mentions": len(labels),
             "el_nil_mentions": sum(l["entity_id"] == NIL_ID for l in labels),

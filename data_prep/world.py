@@ -57,8 +57,8 @@ class WorldPrepConfig:
 
 
 SPLITS = {
-    "rag_train": ("hotpotqa", "train.json"),
-    "rag_dev": ("hotpotqa", "dev.json"),
+    "rag_train": ("2wiki", "train.json"),
+    "rag_dev": ("2wiki", "dev.json"),
     "el_train": ("elevant", "el_train.jsonl"),
     "el_dev": ("elevant", "el_dev.jsonl"),
 }
