@@ -20,6 +20,13 @@ def default_tracking_uri(output_dir: str | Path) -> str:
     return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
 
 
+def local_artifact_root(uri: str) -> str | None:
+    """Artifacts of a local sqlite store live beside it (not in ./mlruns of whatever the cwd is)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -49,8 +56,7 @@ class Tracker:
             mlflow.set_tracking_uri(self.uri)
             exp = mlflow.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp else mlflow.create_experiment(
-                experiment, artifact_location=(self.output_dir / "mlartifacts").resolve().as_uri()
-                if tracking_uri is None else None)
+                experiment, artifact_location=local_artifact_root(self.uri))
             id_file = self.output_dir / "mlflow_run_id"
             previous = id_file.read_text().strip() if id_file.exists() else None
             run = mlflow.start_run(run_id=previous, experiment_id=exp_id if not previous else None,

@@ -27,6 +27,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -267,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         print(help_text(TrainConfig))
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # DeepSpeed's ZeRO-3 calls deprecated c10d names on every step; say it once, not per step.
+    warnings.filterwarnings("once", category=FutureWarning, module="torch.distributed")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     try:
         cfg = load_config(TrainConfig, ns.config, ns.overrides)
         train(cfg)
