@@ -11,6 +11,8 @@ Examples:
       --out runs/hotpot --tokenizer smollm2 --num-proc 2
   python -m data_prep prepare --kind 2wiki --input dev.json.gz --out runs/2wiki tagging.max_length=1024
   python -m data_prep world --out runs/world --train-questions 2000
+  python -m data_prep prepare ... --only-shards 0/4     # job-array task 0 of 4 (slurm/prep.sh), then:
+  python -m data_prep prepare ... --finish-only         # the manifest, once every task is done
   python -m data_prep inspect runs/world/rag_train -n 2
 
 Any field of the config can be set as key=value after the flags (e.g. mining.dense=true
@@ -42,6 +44,10 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from-hub", help="load the benchmark from the Hugging Face hub (needs --allow-network)")
     p.add_argument("--allow-network", action="store_true", help="allow hub downloads (never used by tests or CI)")
     p.add_argument("--help-config", action="store_true", help="list every config field and exit")
+    p.add_argument("--only-shards", metavar="I/N", help="job-array task I of N (0-based): write only the query and "
+                                                       "doc shards whose index is I mod N, and no manifest (slurm/prep.sh)")
+    p.add_argument("--finish-only", action="store_true", help="after every --only-shards task: check all shards exist, "
+                                                              "then write quarantine.jsonl + manifest.json")
     p.add_argument("overrides", nargs="*", help="key=value overrides of config fields")
 
 
@@ -62,14 +68,17 @@ def _flag_overrides(ns: argparse.Namespace) -> list[str]:
 
 
 def cmd_prepare(ns: argparse.Namespace) -> int:
-    from data_prep.prepare import PrepConfig, prepare
+    from data_prep.prepare import PrepConfig, parse_only_shards, prepare
     from onegen.config import help_text, load_config
+    from onegen.errors import ConfigError
 
     if ns.help_config:
         print(help_text(PrepConfig))
         return 0
     cfg = load_config(PrepConfig, ns.config, _flag_overrides(ns) + list(ns.overrides))
-    prepare(cfg)
+    if ns.only_shards and ns.finish_only:
+        raise ConfigError("--only-shards and --finish-only are separate steps: give one of them")
+    prepare(cfg, only_shards=parse_only_shards(ns.only_shards) if ns.only_shards else None, finish_only=ns.finish_only)
     return 0
 
 

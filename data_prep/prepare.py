@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import shutil
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -313,7 +315,8 @@ def _check_or_record_config(cfg: PrepConfig, out: Path) -> None:
         atomic_write_json(path, {"content": want, "config": asdict(cfg), "inputs": inputs})
 
 
-def _tokenizer(cfg: PrepConfig, ds: Dataset, out: Path):
+def _tokenizer(cfg: PrepConfig, ds: Dataset, out: Path, shared: bool = False):
+    """``shared``: other job-array tasks may be creating ``out/tokenizer`` at the same time."""
     tok_dir = out / "tokenizer"
     if (tok_dir / "tokenizer_config.json").exists():  # a rerun: exactly the tokenizer of the shards written so far
         tokenizer = load_tokenizer(str(tok_dir))
@@ -323,10 +326,18 @@ def _tokenizer(cfg: PrepConfig, ds: Dataset, out: Path):
             texts = corpus_texts(ds)
         tokenizer = load_tokenizer(cfg.tokenizer, texts=texts, allow_network=cfg.allow_network)
     token_ids = add_special_tokens(tokenizer, cfg.tokens)
-    tmp = out / ".tokenizer.tmp"
+    tmp = out / (".tokenizer.tmp" if not shared else f".tokenizer.tmp-{socket.gethostname()}-{os.getpid()}")
     if not tok_dir.exists():
         tokenizer.save_pretrained(str(tmp))
-        os.replace(tmp, tok_dir)
+        try:
+            os.replace(tmp, tok_dir)
+        except OSError:  # a concurrent job-array task saved it first (a directory rename never overwrites)
+            if not shared or not (tok_dir / "tokenizer_config.json").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    if shared:  # every task tags with the one saved tokenizer (a bpe:N trained per task may differ)
+        tokenizer = load_tokenizer(str(tok_dir))
+        token_ids = add_special_tokens(tokenizer, cfg.tokens)
     return tokenizer, token_ids
 
 
@@ -338,8 +349,24 @@ def corpus_texts(ds: Dataset) -> list[str]:
     return sorted(texts)
 
 
-def prepare(cfg: PrepConfig, *, log=print) -> dict:
-    """Run the whole stage; return the manifest."""
+def parse_only_shards(spec: str) -> tuple[int, int]:
+    """``"I/N"`` (task I of N, 0-based) -> (I, N)."""
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ConfigError(f"--only-shards {spec!r}: expected I/N, e.g. 0/4 (task 0 of 4)") from None
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"--only-shards {spec!r}: need 0 <= I < N")
+    return i, n
+
+
+def prepare(cfg: PrepConfig, *, log=print, only_shards: tuple[int, int] | None = None, finish_only: bool = False) -> dict:
+    """Run the whole stage; return the manifest.
+
+    For a job array (``slurm/prep.sh``): ``only_shards=(i, n)`` writes only the query and doc shards
+    whose index is ``i`` mod ``n`` and no manifest (returns a summary); ``finish_only`` then checks that
+    every shard exists and writes quarantine.jsonl + the manifest exactly as a single run would.
+    """
     from data_prep.mining import NegativeMiner
     from data_prep.readers.errors import ErrorPolicy
 
@@ -355,6 +382,8 @@ def prepare(cfg: PrepConfig, *, log=print) -> dict:
         return manifest
     for sub in ("docs", "queries"):
         (out / sub).mkdir(exist_ok=True)
+        if only_shards is not None:  # the other tasks' temporaries are live writes, not leftovers
+            continue
         removed = remove_stale_temporaries(out / sub)
         if removed:
             log(f"[prep] removed {removed} half-written temporary file(s) of an interrupted run")
@@ -371,7 +400,11 @@ def prepare(cfg: PrepConfig, *, log=print) -> dict:
                 json.dumps(q.as_quarantine(), ensure_ascii=False, sort_keys=True) + "\n" for q in policy.quarantined).encode())
         raise ConfigError("no usable example in the input" + (f" ({policy.count} quarantined, see quarantine.jsonl)" if policy.count else ""))
 
-    tokenizer, token_ids = _tokenizer(cfg, ds, out)
+    tokenizer, token_ids = _tokenizer(cfg, ds, out, shared=only_shards is not None)
+    n_doc_shards = max(1, -(-len(ds.documents) // cfg.doc_shard_size))
+    n_query_shards = max(1, -(-len(ds.examples) // cfg.shard_size))
+    if finish_only:
+        return _finish_slices(cfg, out, ds, tokenizer, policy, t0, log, n_doc_shards, n_query_shards)
     tagger = Tagger(tokenizer, cfg.tokens, token_ids, cfg.tagging)
     doc_list = [ds.documents[k] for k in sorted(ds.documents)]
     same_name: dict[str, list[str]] = {}
@@ -384,25 +417,60 @@ def prepare(cfg: PrepConfig, *, log=print) -> dict:
 
     _STATE.update(cfg=cfg, task=ds.task, tagger=tagger, docs=ds.documents, doc_list=doc_list,
                   examples=ds.examples, miner=miner, same_name=same_name)
-    n_doc_shards = max(1, -(-len(doc_list) // cfg.doc_shard_size))
-    n_query_shards = max(1, -(-len(ds.examples) // cfg.shard_size))
-    todo_docs = [i for i in range(n_doc_shards) if not shard_path(out / "docs", i).exists()]
-    todo_q = [i for i in range(n_query_shards) if not shard_path(out / "queries", i).exists()]
-    if len(todo_q) < n_query_shards or len(todo_docs) < n_doc_shards:
-        log(f"[prep] resuming: {n_query_shards - len(todo_q)}/{n_query_shards} query shards and "
-            f"{n_doc_shards - len(todo_docs)}/{n_doc_shards} doc shards already finished")
+    mine = (lambda i: i % only_shards[1] == only_shards[0]) if only_shards else (lambda i: True)
+    todo_docs = [i for i in range(n_doc_shards) if mine(i) and not shard_path(out / "docs", i).exists()]
+    todo_q = [i for i in range(n_query_shards) if mine(i) and not shard_path(out / "queries", i).exists()]
+    own_q, own_docs = sum(map(mine, range(n_query_shards))), sum(map(mine, range(n_doc_shards)))
+    if len(todo_q) < own_q or len(todo_docs) < own_docs:
+        log(f"[prep] resuming: {own_q - len(todo_q)}/{own_q} query shards and "
+            f"{own_docs - len(todo_docs)}/{own_docs} doc shards already finished")
     try:
         _run_shards(_build_doc_shard, todo_docs, cfg.num_proc, "doc shards")
         _run_shards(_build_query_shard, todo_q, cfg.num_proc, "query shards")
     finally:
         _STATE.clear()
 
+    if only_shards is not None:
+        # What the finishing step puts in the manifest (it builds no miner); identical from every task.
+        atomic_write_json(out / _SLICE_PROVENANCE, miner.provenance())
+        i, n = only_shards
+        log(f"[prep] task {i}/{n}: wrote {len(todo_q)} query shard(s) and {len(todo_docs)} doc shard(s) "
+            f"in {time.time() - t0:.1f} s; the manifest is written by --finish-only once every task is done")
+        return {"only_shards": [i, n], "query_shards": todo_q, "doc_shards": todo_docs}
     return finish(cfg, out, ds, tokenizer, policy, t0, log, mining=miner.provenance())
+
+
+_SLICE_PROVENANCE = ".mining_provenance.json"
+
+
+def _finish_slices(cfg: PrepConfig, out: Path, ds: Dataset, tokenizer, policy, t0: float, log,
+                   n_doc_shards: int, n_query_shards: int) -> dict:
+    """The job array's last step: every shard must be there; then the manifest, as a single run writes it."""
+    missing = [f"docs/{shard_path(out / 'docs', i).name}" for i in range(n_doc_shards)
+               if not shard_path(out / "docs", i).exists()]
+    missing += [f"queries/{shard_path(out / 'queries', i).name}" for i in range(n_query_shards)
+                if not shard_path(out / "queries", i).exists()]
+    if missing:
+        raise ConfigError(f"{out}: {len(missing)} shard(s) missing ({', '.join(missing[:5])}"
+                          f"{', ...' if len(missing) > 5 else ''}); rerun the job-array tasks (--only-shards I/N) first")
+    for sub in ("docs", "queries"):  # leftovers of killed tasks (every task has ended by now)
+        remove_stale_temporaries(out / sub)
+    prov_path = out / _SLICE_PROVENANCE
+    if prov_path.is_file():
+        mining = json.loads(prov_path.read_text())
+    else:  # shards written by other means (e.g. a killed single run): build the miner for its provenance
+        from data_prep.mining import NegativeMiner
+
+        mining = NegativeMiner(ds.documents, cfg.mining).provenance()
+    manifest = finish(cfg, out, ds, tokenizer, policy, t0, log, mining=mining)
+    prov_path.unlink(missing_ok=True)
+    return manifest
 
 
 def finish(cfg: PrepConfig, out: Path, ds: Dataset, tokenizer, policy, t0: float, log=print, mining: dict | None = None) -> dict:
     """Count, fingerprint and write quarantine.jsonl and the manifest (last)."""
     import pyarrow as pa
+    import pyarrow.compute  # noqa: F401  (pa.compute below; not imported by `import pyarrow` itself)
 
     shards = {}
     counts = {"docs": 0, "queries": 0, "ret_tokens": 0}

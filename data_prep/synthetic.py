@@ -112,8 +112,8 @@ PROGRESS_MIN_UNITS = 100_000
 @dataclass
 class WorldConfig:
     seed: int = field(default=0, metadata={"help": "random seed; the same seed gives byte-identical files"})
-    n_train_entities: int = field(default=600, metadata={"help": "entities (paragraphs) of the train world"})
-    n_dev_entities: int = field(default=150, metadata={"help": "entities of the dev world (never seen in train)"})
+    n_train_entities: int = field(default=2500, metadata={"help": "entities (paragraphs) of the train world"})
+    n_dev_entities: int = field(default=300, metadata={"help": "entities of the dev world (never seen in train)"})
     n_train_questions: int = field(default=2000, metadata={"help": "train questions (train.json)"})
     n_dev_questions: int = field(default=200, metadata={"help": "dev questions (dev.json)"})
     n_train_el: int = field(default=1000, metadata={"help": "entity-linking sentences in el_train.jsonl"})

@@ -30,7 +30,7 @@ def _world_config_cls():
 @dataclass
 class WorldPrepConfig:
     out: str = field(default="", metadata={"help": "output directory"})
-    tokenizer: str = field(default="bpe:1000", metadata={"help": "bpe:N trained on the world's text, or any tokenizer source"})
+    tokenizer: str = field(default="bpe:6000", metadata={"help": "bpe:N trained on the world's text (6000: every name is one token), or any tokenizer source"})
     num_proc: int = field(default=1, metadata={"help": "worker processes for each prepare"})
     shard_size: int = field(default=1000, metadata={"help": "query rows per shard"})
     tagging: TaggingConfig = field(default_factory=lambda: TaggingConfig(max_length=256, max_doc_length=96))

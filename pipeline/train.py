@@ -66,6 +66,17 @@ def setup_distributed() -> tuple[int, int, int]:
     return rank, world, local_rank
 
 
+def peak_memory_mb() -> float:
+    """Peak accelerator memory on GPU; peak resident memory of this process on CPU."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 class StopFlag:
     """Set by SIGUSR1 (SLURM's warning before the time limit) or SIGTERM: checkpoint, then exit."""
 
@@ -111,6 +122,8 @@ def train(cfg: TrainConfig) -> dict:
     from pipeline.tracking import Tracker, plot_curves
     from pipeline.wrapper import OneGenTrainModule
 
+    # DeepSpeed's ZeRO-3 calls deprecated c10d names on every step: not the user's concern.
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
     rank, world, _ = setup_distributed()
     is_main = rank == 0
     out = Path(cfg.output_dir)
@@ -195,8 +208,9 @@ def train(cfg: TrainConfig) -> dict:
             dist.all_reduce(tok)
             dt = time.time() - t0
             metrics = {"loss": stats["loss"], "loss_gen": stats["loss_gen"], "loss_ret": stats["loss_ret"],
-                       "ret_acc": stats["ret_acc"], "lr": engine.get_lr()[0], "tokens_per_s": tok.item() / dt,
+                       "ret_acc": stats["ret_acc"], "lr": engine.get_lr()[0], "tokens_per_s": tok.item() / dt, "step_s": dt,
                        "epoch": units / plan.units_per_epoch}
+            metrics["peak_mem_mb"] = peak_memory_mb()
             gn = engine.get_global_grad_norm()
             if gn is not None:
                 metrics["grad_norm"] = float(gn)
@@ -268,8 +282,6 @@ def main(argv: list[str] | None = None) -> int:
         print(help_text(TrainConfig))
         return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # DeepSpeed's ZeRO-3 calls deprecated c10d names on every step; say it once, not per step.
-    warnings.filterwarnings("once", category=FutureWarning, module="torch.distributed")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     try:
         cfg = load_config(TrainConfig, ns.config, ns.overrides)

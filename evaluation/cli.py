@@ -1,0 +1,179 @@
+"""Evaluate a OneGen checkpoint: build its document index, answer/link with it, compare runs.
+
+Commands:
+  index     encode every document of a prepared dataset with the checkpoint ([RD]/[SE] states) into a
+            faiss index dir; a complete index of the same checkpoint + data is reused (cheap rerun)
+  run       one method on one prepared dataset -> RESULTS_DIR (predictions.jsonl, metrics.json,
+            plots/) + one MLflow run linked to the checkpoint's training run
+  compare   the eval runs of an MLflow experiment side by side (rich table, PNG, CSV, markdown)
+
+Methods (RAG; the task is read from the prepared dataset's manifest):
+  onegen           one pass: the model's own state at [RQ] is the query (no re-encoding)
+  two-pass         the same model re-encodes prompt + generation up to [RQ] in a second forward
+  pipeline-bm25    a separate BM25 retriever over question + generation so far, same generator
+  pipeline-minilm  a separate dense retriever (all-MiniLM-L6-v2), same generator
+  no-retrieval     an empty paragraph is inserted at every [RQ]
+Entity-linking datasets are evaluated with --method onegen only ([LK] states vs the [SE] index).
+
+Metrics: EM/F1 (HotpotQA normalisation); Recall@1 by gold doc id in free generation (hop-aligned)
+and teacher-forced (gold context; for pipelines the separate retriever with question + gold text
+before [RQ]); EL micro P/R/F1 (GERBIL strong match) + mention-detection F1; tokens/s, s/question.
+
+MLflow: default store sqlite:///<RESULTS_DIR>/../mlflow.db (so runs/eval/mlflow.db with the default
+--out), or $MLFLOW_TRACKING_URI, or --tracking-uri URI; `--tracking-uri train` logs into the store of
+the checkpoint's training run so the eval run nests under it. Tags: onegen.stage=eval,
+onegen.method, onegen.dataset, onegen.model, onegen.mode, onegen.train_run_id (+ mlflow.parentRunId
+when the training run is in the same store).
+
+Examples:
+  python -m evaluation index --model runs/tiny-cpu/model --data runs/world/rag_dev --out runs/index/rag_dev
+  python -m evaluation run --model runs/tiny-cpu/model --data runs/world/rag_dev --method onegen \\
+      --index runs/index/rag_dev --max-examples 200
+  python -m evaluation run --model runs/tiny-cpu/model --data runs/world/rag_dev --method pipeline-minilm
+  python -m evaluation run --model runs/tiny-cpu/model --data runs/world/el_dev --method onegen
+  python -m evaluation compare --experiment onegen --out runs/eval/compare.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from onegen.errors import OneGenError
+
+METHOD_NAMES = ["onegen", "two-pass", "pipeline-bm25", "pipeline-minilm", "no-retrieval"]  # = run.METHODS
+DEFAULT_COMPARE_URI_DB = Path("runs") / "eval" / "mlflow.db"
+
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__, formatter_class=fmt)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{index,run,compare}")
+
+    pi = sub.add_parser("index", help="build (or reuse) the checkpoint's document index of a prepared dataset",
+                        description="Encode every document of PREPARED_DIR/docs with the checkpoint (the final "
+                                    "[RD]/[SE] state, L2-normalised) and write a faiss index dir. A complete index "
+                                    "for the same checkpoint + data + kind is reused; --force rebuilds.")
+    pi.add_argument("--model", required=True, help="exported checkpoint dir (pipeline/train.py OUTPUT/model)")
+    pi.add_argument("--data", required=True, help="prepared dataset dir (data_prep output)")
+    pi.add_argument("--out", required=True, help="index dir to write")
+    pi.add_argument("--kind", choices=["flat", "ivf", "hnsw"], default="flat",
+                    help="flat: exact inner product (default); ivf / hnsw: approximate, for large pools")
+    pi.add_argument("--batch-size", type=int, default=64, help="documents per forward")
+    pi.add_argument("--device", help="cpu / cuda (default: cuda when available)")
+    pi.add_argument("--force", action="store_true", help="rebuild even if a complete index is there")
+    pi.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    pr = sub.add_parser("run", help="evaluate one method on one prepared dataset", formatter_class=fmt,
+                        description="Answer (RAG) or link (EL) every row of a prepared dataset with the checkpoint "
+                                    "and the chosen retriever; write predictions.jsonl, metrics.json and plots into "
+                                    "RESULTS_DIR and log an MLflow run linked to the training run.")
+    pr.add_argument("--model", required=True, help="exported checkpoint dir")
+    pr.add_argument("--data", required=True, help="prepared dataset dir (its manifest says rag or el)")
+    pr.add_argument("--method", choices=METHOD_NAMES, default="onegen", help="retrieval method (default onegen)")
+    pr.add_argument("--index", help="index dir built by `index` for this checkpoint + data (default: built into "
+                                    "RESULTS_DIR/index when the method needs one)")
+    pr.add_argument("--setting", choices=["distractor", "open"], default="distractor",
+                    help="distractor: rank each question's own candidate paragraphs; open: the whole pool")
+    pr.add_argument("--max-examples", type=int, help="evaluate only the first N rows")
+    pr.add_argument("--out", help="RESULTS_DIR (default runs/eval/<dataset>-<method>-<model>)")
+    pr.add_argument("--kind", choices=["flat", "ivf", "hnsw"], default="flat", help="kind of an index built on the fly")
+    pr.add_argument("--max-new-tokens", type=int, help="most generated tokens per question (RAG default 64; EL "
+                                                       "default 2 x text tokens + 16)")
+    pr.add_argument("--max-hops", type=int, default=4, help="most retrievals per question (RAG)")
+    pr.add_argument("--force-retrieval-every", type=int, metavar="N",
+                    help="insert [RQ] after every N generated tokens instead of letting the model decide (smoke "
+                         "tests of an untrained checkpoint; not a benchmark setting)")
+    pr.add_argument("--k", type=int, default=5, help="documents retrieved per query (top-1 inserted; recall@k)")
+    pr.add_argument("--batch-size", type=int, default=32, help="rows per forward of the teacher-forced pass")
+    pr.add_argument("--device", help="cpu / cuda (default: cuda when available)")
+    pr.add_argument("--tracking-uri", help="MLflow tracking URI, or 'train' for the training run's store "
+                                           "(default $MLFLOW_TRACKING_URI, else sqlite:///<RESULTS_DIR>/../mlflow.db)")
+    pr.add_argument("--experiment", default="onegen", help="MLflow experiment (default onegen)")
+    pr.add_argument("--run-name", help="MLflow run name (default <method>:<dataset>:<model>)")
+    pr.add_argument("--no-mlflow", action="store_true", help="write results to disk only")
+    pr.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    pc = sub.add_parser("compare", help="side-by-side table + chart of the eval runs of an experiment",
+                        description="Print the eval runs (tag onegen.stage=eval) of an MLflow experiment as a "
+                                    "table and write it as a PNG chart (grouped bars) plus CSV and markdown "
+                                    "(same path, .csv / .md).")
+    pc.add_argument("--experiment", default="onegen", help="MLflow experiment (default onegen)")
+    pc.add_argument("--tracking-uri", help=f"MLflow tracking URI (default $MLFLOW_TRACKING_URI, else "
+                                           f"sqlite:///{DEFAULT_COMPARE_URI_DB})")
+    pc.add_argument("--out", default=str(Path("runs") / "eval" / "compare.png"),
+                    help="PNG path (default runs/eval/compare.png); .csv and .md are written beside it")
+    pc.add_argument("--all", action="store_true", help="every run, not only the latest per method/model/dataset")
+    return p
+
+
+def cmd_index(ns: argparse.Namespace) -> int:
+    from evaluation.run import ensure_index
+
+    man, built = ensure_index(ns.model, ns.data, ns.out, kind=ns.kind, force=ns.force, device=ns.device,
+                              batch_size=ns.batch_size, progress=not ns.quiet)
+    print(f"{'built' if built else 'reused'} {ns.out}: {man['count']} documents, dim {man['dim']}, kind {man['kind']}, "
+          f"model {man['model_fingerprint'][:12]}")
+    return 0
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from evaluation.run import EvalRequest, run_eval
+
+    console = Console(soft_wrap=True)
+    req = EvalRequest(model=Path(ns.model), data=Path(ns.data), method=ns.method,
+                      index=Path(ns.index) if ns.index else None, out=Path(ns.out) if ns.out else None,
+                      setting=ns.setting, max_examples=ns.max_examples, kind=ns.kind, max_new_tokens=ns.max_new_tokens,
+                      max_hops=ns.max_hops, k=ns.k, force_retrieval_every=ns.force_retrieval_every,
+                      device=ns.device, batch_size=ns.batch_size,
+                      tracking=not ns.no_mlflow, tracking_uri=ns.tracking_uri, experiment=ns.experiment,
+                      run_name=ns.run_name, progress=not ns.quiet)
+    console.print(f"evaluation run: {ns.method} on {ns.data} with {ns.model} ({ns.setting})", markup=False)
+    res = run_eval(req, log=lambda m: console.print(m, highlight=False, markup=False))
+    head = res.metrics["headline"]
+    t = Table(title=f"{ns.method} · {res.metrics['dataset']} · {res.metrics['task']} (n={head['n']})")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in head.items():
+        if v is not None and not k.startswith(("recall_at_1_free_hop", "recall_at_1_tf_hop")):
+            t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    console.print(t)
+    say = lambda m: console.print(m, highlight=False, markup=False)  # noqa: E731 (paths may hold [ ])
+    say(f"results     {res.out}")
+    for name, path in res.files.items():
+        say(f"  {name:<12}{path}")
+    if res.run_id:
+        say(f"MLflow run  {res.run_id} ({res.tracking_uri})" + (" nested under its training run" if res.nested else ""))
+        say(f"compare     python -m evaluation compare --experiment {ns.experiment} --tracking-uri {res.tracking_uri}")
+    return 0
+
+
+def cmd_compare(ns: argparse.Namespace) -> int:
+    import os
+
+    from evaluation.compare import compare
+    from evaluation.tracking import sqlite_uri
+
+    uri = ns.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or sqlite_uri(DEFAULT_COMPARE_URI_DB)
+    compare(uri, ns.experiment, ns.out, all_runs=ns.all)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ns = _parser().parse_args(argv)
+    try:
+        return {"index": cmd_index, "run": cmd_run, "compare": cmd_compare}[ns.cmd](ns)
+    except OneGenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: a finished index is kept; rerun the same command", file=sys.stderr)
+        return 130

@@ -1,0 +1,41 @@
+"""bench/efficiency.py --quick: runs end to end, writes the CSV (expected columns, every method at every
+point, identical generation work) and the two-panel PNG, and prints the ratios last."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_efficiency_quick(tmp_path):
+    out = tmp_path / "eff"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "efficiency.py"), "--quick", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = list(csv.DictReader((out / "efficiency.csv").open()))
+    assert list(rows[0]) == ["sweep", "query_tokens", "retrievals", "method", "median_s", "min_s", "max_s", "repeats",
+                             "context_tokens", "generator_forwards", "retriever_forwards", "ratio_vs_one_pass"]
+    points = {(r["sweep"], r["query_tokens"], r["retrievals"]) for r in rows}
+    assert points == {("query_length", "32", "1"), ("query_length", "64", "1"), ("retrievals", "32", "1"),
+                      ("retrievals", "32", "2")}
+    for pt in points:
+        by = {r["method"]: r for r in rows if (r["sweep"], r["query_tokens"], r["retrievals"]) == pt}
+        assert set(by) == {"one-pass", "two-pass", "pipeline"}
+        assert float(by["one-pass"]["ratio_vs_one_pass"]) == 1.0 and all(float(r["median_s"]) > 0 for r in by.values())
+        # Identical generation work (same context, same generator forwards); only the retrieval differs.
+        assert len({r["context_tokens"] for r in by.values()}) == 1
+        assert len({r["generator_forwards"] for r in by.values()}) == 1
+        rounds, r_per = 5, int(pt[2])
+        assert by["one-pass"]["retriever_forwards"] == "0"
+        assert int(by["two-pass"]["retriever_forwards"]) == int(by["pipeline"]["retriever_forwards"]) == rounds * r_per
+    assert (out / "efficiency.png").read_bytes()[:4] == b"\x89PNG"
+    setup = json.loads((out / "efficiency.json").read_text())
+    assert setup["rounds"] == 5 and setup["output_tokens"] == 10 and setup["doc_tokens"] == 30
+    tail = p.stdout.strip().splitlines()
+    assert tail[-1].startswith("At query length 64: two-pass takes") and "pipeline" in tail[-1]
+    assert any("two-pass/one" in line for line in tail)

@@ -1,0 +1,215 @@
+"""``python -m evaluation``: index (resumable), run for every method (files + MLflow run linked to the
+training run), entity linking, compare, and the refusals — on the tiny checkpoint + tiny world."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evaluation.cli import main
+from tests.eval_fixtures import other_model, random_model, trained_model, world  # noqa: F401
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ["onegen", "two-pass", "pipeline-bm25", "pipeline-minilm", "no-retrieval"]
+PRED_KEYS = {"example_id", "question", "generated_text", "answer", "hops", "gold_answers", "gold_hops", "scores",
+             "stop_reason", "n_generated", "wall_s"}
+HEAD_KEYS = {"em", "f1", "recall_at_1_free", "recall_at_1_any", "recall_at_1_tf", "tokens_per_s", "s_per_question", "n"}
+
+
+def _with_run_id(src: Path, dst: Path, run_id: str) -> Path:
+    """A copy of a checkpoint export whose onegen_config.json names a training run (as pipeline.export writes)."""
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "onegen_config.json").read_text())
+    cfg["mlflow_run_id"] = run_id
+    (dst / "onegen_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def env(random_model, world, tmp_path_factory):  # noqa: F811
+    """One sqlite store holding a (fake) training run; a checkpoint linked to it and one linked elsewhere."""
+    from mlflow.tracking import MlflowClient
+
+    base = tmp_path_factory.mktemp("eval_cli")
+    uri = f"sqlite:///{base / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("onegen", artifact_location=(base / "mlartifacts").as_uri())
+    train = client.create_run(exp, run_name="train-tiny", tags={"onegen.stage": "train"})
+    client.set_terminated(train.info.run_id)
+    linked = _with_run_id(random_model, base / "linked" / "model", train.info.run_id)
+    elsewhere = _with_run_id(random_model, base / "elsewhere" / "model", "0" * 32)
+    return {"base": base, "uri": uri, "client": client, "train_run": train.info.run_id, "linked": linked,
+            "elsewhere": elsewhere, "world": world}
+
+
+@pytest.fixture(scope="module")
+def runs(env):
+    """Every RAG method once (3 questions, [RQ] forced so each method retrieves) + one EL run."""
+    world, out = env["world"], {}
+    assert main(["index", "--model", str(env["linked"]), "--data", str(world / "rag_dev"),
+                 "--out", str(env["base"] / "index"), "--quiet"]) == 0
+    for m in METHODS:
+        argv = ["run", "--model", str(env["linked"]), "--data", str(world / "rag_dev"), "--method", m,
+                "--max-examples", "3", "--max-new-tokens", "10", "--force-retrieval-every", "3", "--max-hops", "2",
+                "--out", str(env["base"] / m), "--tracking-uri", env["uri"], "--quiet"]
+        if m == "onegen":
+            argv += ["--index", str(env["base"] / "index")]
+        assert main(argv) == 0, m
+        out[m] = env["base"] / m
+    assert main(["run", "--model", str(env["elsewhere"]), "--data", str(world / "el_dev"), "--method", "onegen",
+                 "--max-examples", "2", "--max-new-tokens", "16", "--out", str(env["base"] / "el"),
+                 "--tracking-uri", env["uri"], "--quiet"]) == 0
+    out["el"] = env["base"] / "el"
+    return out
+
+
+def _run_id(results: Path) -> str:
+    return json.loads((results / "manifest.json").read_text())["mlflow_run_id"]
+
+
+def test_help_explains_commands_and_methods():
+    p = subprocess.run([sys.executable, "-m", "evaluation", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    for word in ("index", "run", "compare", *METHODS, "Recall@1", "MLflow", "onegen.train_run_id"):
+        assert word in p.stdout, word
+    p = subprocess.run([sys.executable, "-m", "evaluation", "run", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0 and "--tracking-uri" in p.stdout and "--setting" in p.stdout and "--max-examples" in p.stdout
+
+
+def test_index_is_reused_when_complete(env, runs, capsys):
+    idx = env["base"] / "index"
+    man = json.loads((idx / "manifest.json").read_text())
+    stamp = (idx / "embeddings.npy").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["index", "--model", str(env["linked"]), "--data", str(env["world"] / "rag_dev"), "--out", str(idx),
+                 "--quiet"]) == 0
+    assert "reused" in capsys.readouterr().out
+    assert (idx / "embeddings.npy").stat().st_mtime_ns == stamp
+    assert json.loads((idx / "manifest.json").read_text()) == man
+    # Methods that need an index and got none build it into RESULTS_DIR/index.
+    assert (runs["two-pass"] / "index" / "manifest.json").is_file()
+    assert not (runs["pipeline-bm25"] / "index").exists() and not (runs["onegen"] / "index").exists()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_run_writes_predictions_metrics_plots(runs, method):
+    out = runs[method]
+    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 3
+    for d in lines:
+        assert PRED_KEYS <= set(d), PRED_KEYS - set(d)
+        assert d["gold_hops"] and d["gold_answers"] and {"em", "f1"} <= set(d["scores"])
+        assert len(d["hops"]) == 2  # forced: one [RQ] every 3 tokens, at most 2
+        for h in d["hops"]:
+            if method == "no-retrieval":
+                assert h["retrieved"] == [] and h["inserted"] is None
+            else:
+                assert len(h["retrieved"]) == 5 and all(isinstance(i, str) and isinstance(s, float) for i, s in h["retrieved"])
+                assert h["inserted"] == h["retrieved"][0][0]
+    m = json.loads((out / "metrics.json").read_text())
+    head = m["headline"]
+    assert HEAD_KEYS <= set(head) and m["task"] == "rag" and m["method"] == method
+    assert head["n"] == 3 and head["tokens_per_s"] > 0 and head["s_per_question"] > 0
+    assert 0 <= head["em"] <= 1 and 0 <= head["f1"] <= 1
+    if method == "no-retrieval":
+        assert head["recall_at_1_tf"] is None and head["recall_at_1_free"] is None and m["teacher_forced"] is None
+    else:
+        assert 0 <= head["recall_at_1_free"] <= 1 and 0 <= head["recall_at_1_tf"] <= 1
+        assert {"recall_at_1_free_hop1", "recall_at_1_free_hop2", "recall_at_1_tf_hop1", "recall_at_1_tf_hop2"} <= set(head)
+        assert m["teacher_forced"]["n"] == 6  # 3 rows x 2 gold hops
+        assert (out / "plots" / "recall_per_hop.png").read_bytes()[:4] == b"\x89PNG"
+        assert (out / "plots" / "top1_scores.png").is_file()
+    if method in ("onegen", "two-pass"):
+        # Same model, same gold rows: the teacher-forced number of the second pass equals the one pass.
+        assert head["recall_at_1_tf"] == json.loads((runs["onegen"] / "metrics.json").read_text())["headline"]["recall_at_1_tf"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_run_is_an_mlflow_run_nested_under_training(env, runs, method):
+    client = env["client"]
+    run = client.get_run(_run_id(runs[method]))
+    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+    assert run.info.status == "FINISHED"
+    assert tags["onegen.stage"] == "eval" and tags["onegen.method"] == method and tags["onegen.dataset"] == "rag_dev"
+    assert tags["onegen.model"] == "linked/model" and tags["onegen.mode"] == "onegen"
+    assert tags["onegen.train_run_id"] == env["train_run"] and tags["mlflow.parentRunId"] == env["train_run"]
+    assert params["method"] == method and params["setting"] == "distractor" and params["checkpoint_mode"] == "onegen"
+    assert len(params["model_fingerprint"]) == 64 and len(params["data_fingerprint"]) == 64
+    assert {"em", "f1", "tokens_per_s", "s_per_question"} <= set(metrics)
+    assert ("recall_at_1_tf" in metrics) == (method != "no-retrieval")
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"predictions.jsonl", "metrics.json", "manifest.json"} <= arts
+    if method != "no-retrieval":
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} >= {"plots/recall_per_hop.png"}
+
+
+def test_entity_linking_run(env, runs, capsys):
+    out = runs["el"]
+    m = json.loads((out / "metrics.json").read_text())
+    head = m["headline"]
+    assert m["task"] == "el" and m["setting"] == "open"
+    for k in ("el_precision", "el_recall", "el_f1", "el_md_f1", "recall_at_1_tf", "tokens_per_s", "s_per_question"):
+        assert head[k] is not None and head[k] >= 0, k
+    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all({"question", "generated_text", "predictions", "gold", "links"} <= set(d) for d in lines)
+    assert (out / "index" / "manifest.json").is_file()  # the [SE] entity index, built on the fly
+    run = env["client"].get_run(_run_id(out))
+    # The checkpoint's training run is not in this store: linked by tag, not nested.
+    assert run.data.tags["onegen.train_run_id"] == "0" * 32 and "mlflow.parentRunId" not in run.data.tags
+    assert run.data.tags["onegen.dataset"] == "el_dev" and "el_f1" in run.data.metrics
+    # Only the model's own [LK] retrieval makes sense for EL.
+    capsys.readouterr()
+    rc = main(["run", "--model", str(env["elsewhere"]), "--data", str(env["world"] / "el_dev"), "--method", "two-pass",
+               "--no-mlflow", "--out", str(env["base"] / "el_bad")])
+    assert rc == 2 and "--method onegen only" in capsys.readouterr().err
+
+
+def test_compare_table_png_csv_markdown(env, runs, capsys):
+    png = env["base"] / "cmp" / "compare.png"
+    capsys.readouterr()
+    assert main(["compare", "--experiment", "onegen", "--tracking-uri", env["uri"], "--out", str(png)]) == 0
+    text = capsys.readouterr().out
+    for m in METHODS:
+        assert m in text
+    assert "el_dev" in text and "rag_dev" in text and "R@1 TF" in text
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    csv_lines = png.with_suffix(".csv").read_text().splitlines()
+    assert csv_lines[0].startswith("method,mode,model,dataset") and len(csv_lines) == 1 + 6  # 5 RAG + 1 EL, not training
+    md = png.with_suffix(".md").read_text()
+    assert md.startswith("| method | mode |") and md.count("\n") == 2 + 6
+
+
+def test_refuses_index_of_another_checkpoint(env, other_model, capsys):  # noqa: F811
+    idx = env["base"] / "other_index"
+    assert main(["index", "--model", str(other_model), "--data", str(env["world"] / "rag_dev"), "--out", str(idx),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    rc = main(["run", "--model", str(env["linked"]), "--data", str(env["world"] / "rag_dev"), "--index", str(idx),
+               "--max-examples", "1", "--no-mlflow", "--out", str(env["base"] / "refused")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "was built by checkpoint" in err and "rebuild the index" in err
+    assert not (env["base"] / "refused" / "predictions.jsonl").exists()
+    # `index` on that dir with this checkpoint rebuilds instead of reusing.
+    assert main(["index", "--model", str(env["linked"]), "--data", str(env["world"] / "rag_dev"), "--out", str(idx),
+                 "--quiet"]) == 0
+    assert "rebuilding" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_trained_checkpoint_nests_under_its_real_training_run(trained_model, world, tmp_path):  # noqa: F811
+    from mlflow.tracking import MlflowClient
+
+    cfg = json.loads((trained_model / "onegen_config.json").read_text())
+    assert cfg["mlflow_run_id"]
+    assert main(["run", "--model", str(trained_model), "--data", str(world / "rag_dev"), "--max-examples", "2",
+                 "--max-new-tokens", "12", "--tracking-uri", "train", "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    store = f"sqlite:///{(trained_model.parent / 'mlflow.db').resolve()}"
+    run = MlflowClient(tracking_uri=store).get_run(_run_id(tmp_path / "r"))
+    assert run.data.tags["mlflow.parentRunId"] == cfg["mlflow_run_id"] == run.data.tags["onegen.train_run_id"]
+    assert run.data.tags["onegen.mode"] == cfg["mode"]
