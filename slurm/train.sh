@@ -137,6 +137,7 @@ if [ "$requeue" = 1 ] && [ "$cancelled" = 0 ] && [ -z "${ONEGEN_DRY_RUN:-}" ]; t
     onegen_log "requeued $restarts times already (ONEGEN_MAX_REQUEUES): not requeuing; resubmit to continue"
   else
     onegen_log "checkpoint written; requeuing job $SLURM_JOB_ID (restart $((restarts + 1))): it resumes from the checkpoint"
+    trap - TERM  # the requeue ends this shell with TERM: not a cancellation
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
   fi

@@ -372,3 +372,28 @@ def test_preempted_run_requeues_and_resumes(cluster, world, shared, tmp_path):
     if "uninterrupted_loss" in shared:  # the same data position, RNG and optimizer state: the same final loss
         final = json.loads((out / "summary.json").read_text())["final"]
         assert final["loss"] == pytest.approx(shared["uninterrupted_loss"], abs=1e-3)
+
+
+def test_scancel_leaves_a_complete_checkpoint(cluster, world, tmp_path):
+    """`scancel`: TERM to every process; the trainer checkpoints within KillWait; no requeue."""
+    from pipeline.checkpoint import MARKER, latest_complete
+
+    out = tmp_path / "run"
+    t0 = time.time()
+    job = _sbatch(cluster, tmp_path, "--gpus-per-node=0", f"--cpus-per-task={min(2, os.cpu_count() or 1)}",
+                  str(ROOT / "slurm" / "train.sh"), *TRAIN_ARGS, "optim.max_steps=1000", f"data.train=[{world / 'rag_train'}]",
+                  f"output_dir={out}")
+    log = tmp_path / "logs" / f"onegen-train-{job}.out"
+    _until(lambda: (out / "metrics.jsonl").exists() and len(_metrics_steps(out)) >= 2, 600,
+           lambda: f"training never started\n{_tail(log)}")
+    cluster.run("scancel", job)
+    info = cluster.wait(job, log, timeout=300)[0]
+    time.sleep(2)  # the log of the last processes
+    text = _tail(log, 60000)
+    print(f"[cluster] cancelled train job: {time.time() - t0:.1f} s")
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", text
+    assert "requeuing" not in text, text
+    last = latest_complete(out / "checkpoints")
+    assert last is not None, f"no complete checkpoint after scancel\n{text}"
+    assert json.loads((last / MARKER).read_text())["step"] >= 2
+    assert f"[train] signal 15: checkpoint {last.name} written" in text, text

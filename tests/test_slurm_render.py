@@ -16,8 +16,6 @@ import stat
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from conftest import ROOT
 
 FAKE_SCONTROL = r'''#!/usr/bin/env bash

@@ -41,7 +41,7 @@ def train_cmd(launcher: str, world: Path, out: Path, *overrides: str) -> list[st
     if launcher == "python":
         return [sys.executable, script, *args]
     if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0", script, *args]
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *args]
     if launcher == "deepspeed":
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", script, *args]
     raise ValueError(launcher)
