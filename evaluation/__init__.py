@@ -12,6 +12,10 @@ Modules (each one job; importing this package imports none of them, so ``metrics
 * ``linking``        ``link_row`` / ``run_linking`` / ``summarize_linking``
 * ``scoring``        ``summarize_rag``: EM/F1, Recall@k, hop Recall@1 of free generation, costs
 * ``teacher_forced`` ``teacher_forced_recall``: Recall@1 per hop from gold rows, against the index
+* ``run``            the ``index`` and ``run`` commands: files, metrics.json, plots, MLflow run
+* ``tracking``       MLflow for evaluation runs, linked to (nested under) their training run
+* ``compare``/``plots`` ``python -m evaluation compare``: the side-by-side table, PNG, CSV, markdown
+* ``cli``            ``python -m evaluation`` argument parsing
 
 Typical use::
 

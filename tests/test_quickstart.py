@@ -31,10 +31,11 @@ def test_quickstart_small_end_to_end(tmp_path):
             assert 0.0 <= float(r1) <= 1.0, row
     assert "mlflow ui --backend-store-uri sqlite:///" in p.stdout
     # every run is in the MLflow store, training and evaluation
-    import mlflow
+    from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["quickstart-small"], output_format="list")
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")  # not set_tracking_uri: it exports an env var
+    exp = client.get_experiment_by_name("quickstart-small")
+    runs = client.search_runs([exp.experiment_id])
     names = {r.info.run_name for r in runs}
     assert {"train-onegen", "train-git"} | {f"eval-{m}" for m in METHODS} <= names, names
     assert all(r.info.status == "FINISHED" for r in runs)

@@ -29,7 +29,9 @@ def env() -> dict:
     e = dict(os.environ)
     e.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true", TOKENIZERS_PARALLELISM="false",
              TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"), PYTHONUNBUFFERED="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+    # A launcher's variables or a tracking URI left by another test (mlflow.set_tracking_uri exports
+    # MLFLOW_TRACKING_URI) must not leak into the runs a test starts.
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "MLFLOW_TRACKING_URI"):
         e.pop(k, None)
     return e
 
