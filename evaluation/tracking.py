@@ -27,6 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline.tracking import probe_server
+
 EVAL_STAGE = "eval"
 TAG_STAGE = "onegen.stage"
 TAG_METHOD = "onegen.method"
@@ -106,15 +108,6 @@ def metric_name(key: str) -> str:
     return key.replace("@", "_at_")
 
 
-def _probe(uri: str, timeout: float = 5.0) -> None:
-    """Raise when an MLflow server does not answer ``/health`` within ``timeout`` seconds."""
-    import urllib.request
-
-    with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
-        if r.status != 200:
-            raise ConnectionError(f"{uri}/health answered HTTP {r.status}")
-
-
 class EvalTracker:
     """One MLflow run (``MlflowClient``, no global active run); degrades to local files on failure."""
 
@@ -137,7 +130,7 @@ class EvalTracker:
             from mlflow.tracking import MlflowClient
 
             if uri.startswith(("http://", "https://")):
-                _probe(uri)  # fail in seconds, not after MLflow's minutes of HTTP retries
+                probe_server(uri)  # fail in seconds, not after MLflow's minutes of HTTP retries
             db = sqlite_path(uri)
             if db is not None:
                 db.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,23 @@ def default_tracking_uri(output_dir: str | Path) -> str:
     return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
 
 
+def probe_server(uri: str, timeout: float = 5.0) -> None:
+    """Raise when an MLflow server does not answer ``/health`` within ``timeout`` seconds.
+
+    MLflow's own client retries a dead server for minutes; training must not wait that long."""
+    import urllib.request
+
+    with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+        if r.status != 200:
+            raise ConnectionError(f"{uri}/health answered HTTP {r.status}")
+
+
+def limit_http_retries() -> None:
+    """A server that goes away mid-run costs seconds per call, not minutes (user settings win)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
 def local_artifact_root(uri: str) -> str | None:
     """Artifacts of a local sqlite store live beside it (not in ./mlruns of whatever the cwd is)."""
     if uri.startswith("sqlite:///"):
@@ -53,6 +70,9 @@ class Tracker:
         try:
             import mlflow
 
+            if self.uri.startswith(("http://", "https://")):
+                limit_http_retries()
+                probe_server(self.uri)
             mlflow.set_tracking_uri(self.uri)
             exp = mlflow.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp else mlflow.create_experiment(

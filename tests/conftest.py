@@ -44,3 +44,14 @@ def shared_file(rel: str) -> Path:
     if not p.exists():
         pytest.skip(f"{p} is not present in the shared data folder")
     return p
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_tracking_uri():
+    """``mlflow.set_tracking_uri`` exports MLFLOW_TRACKING_URI: never let one test's store reach the next."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
