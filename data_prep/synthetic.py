@@ -391,7 +391,7 @@ class QuestionMaker:
         self.seen.add(q[0])
         question, answer, qtype, facts = q
         gold = list(dict.fromkeys(i for i, _ in facts))
-        distractors, n_hard = self._distractors(gold)
+        distractors = self._distractors(gold)
         paragraphs = gold + distractors
         self.rng.shuffle(paragraphs)
         ents = self.w.entities
@@ -441,7 +441,7 @@ class QuestionMaker:
         winner = ea if pick(va, vb) == va else eb
         return template.format(a=ea.name, b=eb.name), winner.name, "comparison", [(a, attr), (b, attr)]
 
-    def _distractors(self, gold: list[int]) -> tuple[list[int], int]:
+    def _distractors(self, gold: list[int]) -> list[int]:
         """K distinct non-gold paragraphs of the split; some "hard" ones name a gold entity or share its first syllable."""
         k = self.cfg.distractors
         excluded = set(gold)
@@ -451,7 +451,6 @@ class QuestionMaker:
             hard_pool += self.w.by_first_syllable.get((self.split, self.w.entities[g].name[:2].lower()), [])
         hard_pool = [i for i in dict.fromkeys(hard_pool) if i not in excluded]
         chosen = self.rng.sample(hard_pool, min(self.n_hard, len(hard_pool), k))
-        n_hard = len(chosen)
         excluded.update(chosen)
         # rejection sampling: the pool is much larger than K (validated), so this ends fast
         while len(chosen) < k:
@@ -459,7 +458,7 @@ class QuestionMaker:
             if i not in excluded:
                 excluded.add(i)
                 chosen.append(i)
-        return chosen, n_hard
+        return chosen
 
 
 # ---------------------------------------------------------------------------------------------
