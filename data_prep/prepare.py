@@ -277,17 +277,17 @@ def _run_shards(fn, todo: list[int], num_proc: int, desc: str) -> list[dict]:
     results = []
     if not todo:
         return results
-    bar = tqdm(total=len(todo), desc=desc, unit="shard", disable=len(todo) < 2)
-    if num_proc <= 1:
-        for i in todo:
-            results.append(fn(i))
-            bar.update()
-    else:
-        with mp.get_context("fork").Pool(num_proc, initializer=_worker_init) as pool:
-            for r in pool.imap_unordered(fn, todo):
-                results.append(r)
+    # Closed before an error propagates, so the CLI's `error: ...` line is the last thing on stderr.
+    with tqdm(total=len(todo), desc=desc, unit="shard", disable=len(todo) < 2) as bar:
+        if num_proc <= 1:
+            for i in todo:
+                results.append(fn(i))
                 bar.update()
-    bar.close()
+        else:
+            with mp.get_context("fork").Pool(num_proc, initializer=_worker_init) as pool:
+                for r in pool.imap_unordered(fn, todo):
+                    results.append(r)
+                    bar.update()
     return results
 
 

@@ -3,6 +3,7 @@
 Modules (each one job; importing this package imports none of them, so ``metrics`` stays cheap):
 
 * ``metrics``        answer EM/F1, recall by doc id, entity-linking strong match (pure, stdlib only)
+* ``checks``         ``preflight(model_dir, data_dir)``: manifests, shard sizes, tokenizer match; no torch
 * ``runtime``        ``load_runtime(model_dir, data)``: model + tokenizer + tagger, checked against the data
 * ``index``          ``build_index`` / ``open_index`` / ``DocIndex.search`` (faiss over ``[RD]``/``[SE]`` states)
 * ``kv``             ``KVSession``: a context decoded through the KV cache, forwards counted

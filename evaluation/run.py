@@ -71,11 +71,14 @@ def ensure_index(model_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
                  force: bool = False, runtime=None, device: str | None = None, batch_size: int = 64,
                  progress: bool = True, log: Callable[[str], None] = print) -> tuple[dict, bool]:
     """Build the index unless a complete one of the same model + data + kind is there; ``(manifest, built)``."""
+    from evaluation.checks import preflight
     from onegen.manifest import read_manifest
 
     out_dir = Path(out_dir)
-    model_fp = read_manifest(model_dir, expect_stage="train")["fingerprint"]  # no torch import for a cheap rerun
-    data_fp = read_manifest(data_dir, expect_stage="data_prep")["fingerprint"]
+    # Manifests, shard sizes and tokenizer fingerprints: no torch import, so a cheap rerun is cheap and
+    # a wrong input is refused at once.
+    mman, _, dman = preflight(model_dir, data_dir)
+    model_fp, data_fp = mman["fingerprint"], dman["fingerprint"]
     ok, why = existing_index_ok(out_dir, model_fp, data_fp, kind)
     if ok and not force:
         log(f"index {out_dir}: complete for this checkpoint and data, reused (--force rebuilds it)")
@@ -261,7 +264,7 @@ def _scores_for_hist(pairs) -> tuple[list[float], list[float]]:
 
 def run_eval(req: EvalRequest, log: Callable[[str], None] = print) -> EvalOutcome:
     """Evaluate one checkpoint with one method on one prepared dataset (see the module docstring)."""
-    from evaluation.runtime import load_onegen_config, model_manifest
+    from evaluation.checks import preflight
     from evaluation.tracking import (EVAL_STAGE, TAG_DATASET, TAG_METHOD, TAG_MODE, TAG_MODEL, TAG_STAGE, TAG_TASK,
                                      TAG_TRAIN_STORE, EvalTracker, resolve_tracking_uri, train_link)
     from onegen.manifest import read_manifest
@@ -273,9 +276,8 @@ def run_eval(req: EvalRequest, log: Callable[[str], None] = print) -> EvalOutcom
     if req.max_examples is not None and req.max_examples < 1:
         raise ConfigError(f"--max-examples must be >= 1, got {req.max_examples}")
     model_dir, data_dir = Path(req.model), Path(req.data)
-    mman = model_manifest(model_dir)
-    ocfg = load_onegen_config(model_dir)
-    dman = read_manifest(data_dir, expect_stage="data_prep")
+    # Everything that can be refused without loading the model is refused here, in about a second.
+    mman, ocfg, dman = preflight(model_dir, data_dir)
     task = dman["task"]
     if task == "el" and req.method != "onegen":
         raise ConfigError(

@@ -20,9 +20,9 @@ import torch
 
 from data_prep.records import Document
 from data_prep.tagging import Tagger, TaggingConfig
+from evaluation.checks import check_data_for_model, model_manifest  # noqa: F401 (re-exported)
 from onegen.config import from_dict
 from onegen.errors import ManifestMismatch
-from onegen.manifest import read_manifest
 from onegen.tokens import SpecialTokens
 from pipeline.data import PreparedData
 from pipeline.export import load_model, load_onegen_config
@@ -33,27 +33,9 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def model_manifest(model_dir: str | Path) -> dict:
-    """The export's manifest (stage ``train``), with a clear error when it is not a model export."""
-    return read_manifest(model_dir, expect_stage="train")
-
-
 def check_compatible(model_dir: str | Path, data: PreparedData) -> None:
     """Refuse a prepared dataset tokenised differently from the model (ids would silently be wrong)."""
-    man = model_manifest(model_dir)
-    ocfg = load_onegen_config(model_dir)
-    want = data.manifest.get("tokenizer", {})
-    if man.get("tokenizer_fingerprint") and want.get("fingerprint") and man["tokenizer_fingerprint"] != want["fingerprint"]:
-        raise ManifestMismatch(
-            f"{data.path} was tokenised with tokenizer {want['fingerprint'][:12]} but the model {model_dir} uses "
-            f"{man['tokenizer_fingerprint'][:12]}; prepare the data with the model's tokenizer "
-            f"(python -m data_prep ... --tokenizer {model_dir})"
-        )
-    have_ids, data_ids = ocfg.get("special_token_ids", {}), want.get("special_token_ids", {})
-    diff = {t: (data_ids.get(t), i) for t, i in have_ids.items() if t in data_ids and data_ids[t] != i}
-    if diff:
-        raise ManifestMismatch(f"{data.path} and the model {model_dir} disagree on special-token ids "
-                               f"(token: (data id, model id)) {diff}")
+    check_data_for_model(model_dir, data.path, data.manifest)
 
 
 def tagger_for(tokenizer: Any, onegen_cfg: dict, data: PreparedData | None = None) -> Tagger:

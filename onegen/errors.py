@@ -28,6 +28,11 @@ class InputError(OneGenError):
     def __post_init__(self) -> None:
         super().__init__(str(self))
 
+    def __reduce__(self):
+        # Pickled by a worker of `prepare --num-proc N`: the default (type, args) reduce would call
+        # InputError(message) on unpickling, fail, and leave multiprocessing's pool hanging forever.
+        return (type(self), (self.path, self.line, self.field, self.reason, self.record_id, self.where))
+
     def __str__(self) -> str:
         loc = f"{self.path}"
         if self.line is not None:

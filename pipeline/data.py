@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_prep.shards import list_shards, load_shards
+from data_prep.shards import list_shards, load_shards, verify_shards
 from data_prep.tokenizer import tokenizer_fingerprint
 from onegen.errors import ManifestMismatch
 from onegen.manifest import read_manifest
@@ -55,6 +55,11 @@ class PreparedData:
 def open_prepared(path: str | Path) -> PreparedData:
     path = Path(path)
     manifest = read_manifest(path, expect_stage="data_prep")
+    missing = [k for k in ("fingerprint", "task", "counts", "tokenizer", "config") if k not in manifest]
+    if missing:
+        raise ManifestMismatch(f"{path}/manifest.json lacks {', '.join(missing)}: not a manifest this version of "
+                               f"data_prep writes; prepare the dataset again")
+    verify_shards(path, manifest)
     queries = load_shards(list_shards(path / "queries"))
     docs = load_shards(list_shards(path / "docs"))
     expected = manifest["counts"]
@@ -73,3 +78,37 @@ def check_tokenizer(data: PreparedData, tokenizer: Any, what: str) -> None:
             f"{data.path} was tokenised with another tokenizer (fingerprint {want[:12]}) than {what} "
             f"({have[:12]}); prepare the data with this model's tokenizer (data_prep --tokenizer <model dir>)"
         )
+
+
+_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_tokenizer(model_dir: str | Path, tokenizer: Any, tokens: Any = None) -> None:
+    """A pretrained ``model.source`` must be trained on data tokenised with *its* tokenizer.
+
+    The trainer takes its tokenizer from the prepared data; a model whose own vocabulary differs
+    would silently read every id as another token. ``tokenizer`` is the data's (with the OneGen
+    special tokens); the model dir's tokenizer gets the same special tokens added, then the two
+    vocabularies must be equal. A dir without tokenizer files cannot be checked and is let through.
+    """
+    from transformers import AutoTokenizer
+
+    from onegen.tokens import add_special_tokens
+
+    model_dir = Path(model_dir)
+    if not any((model_dir / m).is_file() for m in _TOKENIZER_MARKERS):
+        return
+    own = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    if tokens is not None:
+        add_special_tokens(own, tokens)
+    have, want = tokenizer.get_vocab(), own.get_vocab()
+    if have == want:
+        return
+    data_dir = Path(getattr(tokenizer, "name_or_path", "") or "?")
+    data_dir = data_dir.parent if data_dir.name == "tokenizer" else data_dir
+    raise ManifestMismatch(
+        f"{data_dir} was tokenised with another tokenizer ({len(have)} tokens, fingerprint "
+        f"{tokenizer_fingerprint(tokenizer)[:12]}) than model.source {model_dir} ({len(want)} tokens, "
+        f"{tokenizer_fingerprint(own)[:12]}); prepare the data with the model's tokenizer "
+        f"(python -m data_prep prepare ... --tokenizer {model_dir})"
+    )

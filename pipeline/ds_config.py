@@ -44,8 +44,15 @@ SCHEDULER_PARAMS = {
 
 def _unknown(path: str, key: str, known: set[str], file: str) -> ConfigError:
     close = difflib.get_close_matches(key, sorted(known), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"{file}: unknown DeepSpeed key {path}{key!r}{hint}; DeepSpeed would silently ignore it")
+    hint = f" (did you mean {path + close[0]!r}?)" if close else ""
+    return ConfigError(f"{file}: unknown DeepSpeed key {path + key!r}{hint}; DeepSpeed would silently ignore it")
+
+
+def _zero_keys() -> set[str]:
+    """Every key DeepSpeed's ZeRO config accepts: its field names and their aliases (``stage3_*``)."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    return {n for name, f in DeepSpeedZeroConfig.model_fields.items() for n in (name, f.alias) if n}
 
 
 def validate_keys(cfg: dict[str, Any], file: str = "DeepSpeed config") -> None:
@@ -70,6 +77,11 @@ def validate_keys(cfg: dict[str, Any], file: str = "DeepSpeed config") -> None:
     zero = cfg.get("zero_optimization")
     if zero:
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+        known_zero = _zero_keys()
+        for sub in zero:  # first by name, with a suggestion (pydantic's message has none)
+            if sub not in known_zero:
+                raise _unknown("zero_optimization.", sub, known_zero, file)
 
         probe = {k: (1 if v == "auto" else v) for k, v in zero.items()}
         for k in ("offload_optimizer", "offload_param"):

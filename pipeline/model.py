@@ -117,6 +117,10 @@ def build_model(cfg: ModelConfig, tokenizer: Any, *, seed: int, init_new_tokens:
         if init_new_tokens is not None and ids:
             init_special_rows(model, tokenizer, init_new_tokens, old_vocab=min(ids))
     else:
+        if Path(source).is_dir():  # before loading any weights: the data's ids must be this model's ids
+            from pipeline.data import check_model_tokenizer
+
+            check_model_tokenizer(source, tokenizer, init_new_tokens)
         model = AutoModelForCausalLM.from_pretrained(source, attn_implementation=attn, dtype=dtype,
                                                      trust_remote_code=cfg.trust_remote_code,
                                                      local_files_only=not cfg.allow_network)
