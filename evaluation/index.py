@@ -119,7 +119,8 @@ def build_index(model_dir: str | Path, prepared_dir: str | Path, out_dir: str | 
     """
     import torch
 
-    from evaluation.runtime import check_compatible, load_runtime, model_manifest
+    from evaluation.checks import model_manifest
+    from evaluation.runtime import check_compatible, load_runtime
     from pipeline.data import open_prepared
     from pipeline.encode import encode_documents
 
@@ -142,6 +143,7 @@ def build_index(model_dir: str | Path, prepared_dir: str | Path, out_dir: str | 
     n = len(data.docs)
     dim = int(runtime.model.config.hidden_size)
 
+    _remove_leftovers(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -181,6 +183,22 @@ def build_index(model_dir: str | Path, prepared_dir: str | Path, out_dir: str | 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _remove_leftovers(out_dir: Path) -> None:
+    """Delete the temp/aside dirs of builds that were killed (SIGKILL skips our cleanup); a build
+    still running (its pid alive) keeps its own."""
+    for p in list(out_dir.parent.glob(f".{out_dir.name}.tmp-*")) + list(out_dir.parent.glob(f".{out_dir.name}.old-*")):
+        try:
+            pid = int(p.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+            alive = pid != os.getpid()
+        except (ValueError, ProcessLookupError):
+            alive = False
+        except PermissionError:  # a live process of another user
+            alive = True
+        if not alive:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:
@@ -274,6 +292,26 @@ class DocIndex:
         return out  # type: ignore[return-value]
 
 
+def _load_embeddings(path: Path, mmap: bool) -> np.ndarray:
+    """``embeddings.npy`` as float32 [N, d]; never unpickles (``allow_pickle=False``): a file holding
+    Python objects, or a truncated or foreign one, is refused with its path."""
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as f:  # the header alone first: what the file holds, before reading any of it
+            version = fmt.read_magic(f)
+            shape, _, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
+    except (ValueError, OSError, EOFError) as e:
+        raise ManifestMismatch(f"{path}: not a .npy array ({e}); rebuild the index") from None
+    if dtype.hasobject:
+        raise ManifestMismatch(f"{path}: holds pickled Python objects, which are never loaded; rebuild the index")
+    if dtype != np.float32 or len(shape) != 2:
+        raise ManifestMismatch(f"{path}: expected a float32 [N, d] array, got {dtype} of shape {shape}; rebuild the index")
+    try:
+        return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except (ValueError, OSError) as e:  # e.g. truncated data after a valid header
+        raise ManifestMismatch(f"{path}: unreadable ({e}); rebuild the index") from None
+
+
 def open_index(index_dir: str | Path, model_dir: str | Path | None = None, *, use_gpu: bool | None = None,
                nprobe: int | None = None, mmap: bool = True) -> DocIndex:
     """Load an index directory (no pickle anywhere) and check it against the checkpoint ``model_dir``.
@@ -288,7 +326,7 @@ def open_index(index_dir: str | Path, model_dir: str | Path | None = None, *, us
         if not (index_dir / f).is_file():
             raise ManifestMismatch(f"{index_dir} has a manifest but no {f}: the index is incomplete; rebuild it")
     if model_dir is not None:
-        from evaluation.runtime import model_manifest
+        from evaluation.checks import model_manifest
 
         want = model_manifest(model_dir)["fingerprint"]
         if man.get("model_fingerprint") != want:
@@ -298,13 +336,22 @@ def open_index(index_dir: str | Path, model_dir: str | Path | None = None, *, us
                 f"do not live in this model's embedding space; rebuild the index with this model "
                 f"(build_index({str(model_dir)!r}, {man.get('prepared_dir')!r}, ...))"
             )
-    emb = np.load(index_dir / EMBEDDINGS, allow_pickle=False, mmap_mode="r" if mmap else None)
-    doc_ids = json.loads((index_dir / DOC_IDS).read_text())
+    emb = _load_embeddings(index_dir / EMBEDDINGS, mmap)
+    try:
+        doc_ids = json.loads((index_dir / DOC_IDS).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestMismatch(f"{index_dir / DOC_IDS}: not valid JSON ({e}); rebuild the index") from None
+    if not isinstance(doc_ids, list) or not all(isinstance(d, str) for d in doc_ids):
+        raise ManifestMismatch(f"{index_dir / DOC_IDS}: expected a JSON list of doc id strings; rebuild the index")
     if emb.shape != (man["count"], man["dim"]) or len(doc_ids) != man["count"]:
         raise ManifestMismatch(f"{index_dir}: files hold {len(doc_ids)} ids / embeddings {emb.shape} but the manifest "
                                f"says {man['count']} x {man['dim']}; the directory was modified after the build")
     faiss = _faiss()
-    index = faiss.read_index(str(index_dir / FAISS_FILE))
+    try:
+        index = faiss.read_index(str(index_dir / FAISS_FILE))  # faiss's own format: no pickle
+    except RuntimeError as e:
+        reason = (str(e).strip().splitlines() or ["unreadable"])[-1]
+        raise ManifestMismatch(f"{index_dir / FAISS_FILE}: not a readable faiss index ({reason}); rebuild the index") from None
     if index.ntotal != man["count"]:
         raise ManifestMismatch(f"{index_dir}/{FAISS_FILE} holds {index.ntotal} vectors, the manifest says {man['count']}")
     params = man.get("params", {})
