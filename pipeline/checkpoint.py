@@ -2,26 +2,42 @@
 
 Layout: ``OUTPUT/checkpoints/step-000050/`` holds DeepSpeed's files (model/optimizer partitions,
 scheduler), ``client_state`` (our step and data position, RNG), and ``COMPLETE`` — written by rank 0
-after every rank has finished writing (a barrier). A directory without ``COMPLETE`` (killed mid-write,
-disk full) is never resumed from, and is removed by the next successful save.
+after every rank has written and fsynced its files (a barrier). A directory without ``COMPLETE``
+(killed mid-write, disk full) is never resumed from; a starting run deletes it (see
+``remove_incomplete``). ``latest`` (read by DeepSpeed's ``zero_to_fp32.py``) names the newest
+complete checkpoint only.
+
+Loading never unpickles arbitrary objects: DeepSpeed calls ``torch.load(weights_only=False)``; we swap
+its checkpoint engine's ``load`` for ``safe_load`` (``weights_only=True`` plus the few DeepSpeed
+classes its optimizer state holds), so a tampered checkpoint is refused instead of running code.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import pickle
+import re
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from onegen.manifest import atomic_write_json
+from onegen.errors import OneGenError
+from onegen.manifest import atomic_write_bytes, atomic_write_json
 
 MARKER = "COMPLETE"
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 def tag_for(step: int) -> str:
     return f"step-{step:06d}"
+
+
+def _step_of(p: Path) -> int:
+    return int(p.name.split("-")[1])
 
 
 def complete_checkpoints(ckpt_root: str | Path) -> list[Path]:
@@ -29,7 +45,7 @@ def complete_checkpoints(ckpt_root: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.glob("step-*") if (p / MARKER).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(found, key=_step_of)
 
 
 def latest_complete(ckpt_root: str | Path) -> Path | None:
@@ -37,20 +53,77 @@ def latest_complete(ckpt_root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def remove_incomplete(ckpt_root: str | Path) -> list[Path]:
+    """Delete checkpoint dirs without ``COMPLETE`` (left by a kill or a full disk); call before training.
+
+    They are never resumed from, and removing them first frees the space a full disk needs and keeps
+    stale files of a half-written save out of the new one."""
+    root = Path(ckpt_root)
+    gone = [p for p in root.glob("step-*") if p.is_dir() and not (p / MARKER).exists()] if root.is_dir() else []
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
 def save(engine, ckpt_root: str | Path, step: int, client_state: dict, keep: int) -> Path:
     root = Path(ckpt_root)
     tag = tag_for(step)
     rank = dist.get_rank() if dist.is_initialized() else 0
     client_state = dict(client_state, torch_rng=torch.get_rng_state())
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
-    if dist.is_initialized():
-        dist.barrier()
-    if rank == 0:
-        atomic_write_json(root / tag / MARKER, {"step": step, "units_consumed": client_state.get("units_consumed")})
-        prune(root, keep)
+    try:
+        # save_latest=False: DeepSpeed would point `latest` at this tag before it is complete
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+        _fsync_tree(root / tag)  # COMPLETE must not reach the disk before the data (a node crash, not just a kill)
+        if dist.is_initialized():
+            dist.barrier()
+        if rank == 0:
+            atomic_write_json(root / tag / MARKER, {"step": step, "units_consumed": client_state.get("units_consumed")})
+            atomic_write_bytes(root / "latest", tag.encode())
+            prune(root, keep)
+    except Exception as e:
+        if _disk_full(e, root):
+            prev = latest_complete(root)
+            free_mib = shutil.disk_usage(root).free / 2**20
+            raise OneGenError(
+                f"could not write checkpoint {root / tag}: no space left on device ({free_mib:.1f} MiB free); "
+                "it is incomplete and will not be resumed from; "
+                + (f"the last complete one, {prev.name}, is intact: free space and rerun to resume from it"
+                   if prev else "no complete checkpoint exists yet: free space and rerun")) from e
+        raise
     if dist.is_initialized():
         dist.barrier()
     return root / tag
+
+
+def _disk_full(e: BaseException, root: Path) -> bool:
+    """torch.save reports a full disk as a RuntimeError without errno (``unexpected pos 576 vs 534``
+    from its zip writer), so look at the chain, then at the disk itself."""
+    chain: BaseException | None = e
+    while chain is not None:
+        if isinstance(chain, OSError) and chain.errno in _FULL_ERRNOS:
+            return True
+        if "No space left on device" in str(chain) or "Disk quota exceeded" in str(chain):
+            return True
+        chain = chain.__cause__ or chain.__context__
+    try:
+        return shutil.disk_usage(root).free < 1 << 20
+    except OSError:
+        return False
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def prune(root: Path, keep: int) -> None:
@@ -58,16 +131,39 @@ def prune(root: Path, keep: int) -> None:
     complete = complete_checkpoints(root)
     for old in complete[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    newest = int(complete[-1].name.split("-")[1]) if complete else -1
+    newest = _step_of(complete[-1]) if complete else -1
     for p in root.glob("step-*"):
-        if not (p / MARKER).exists() and int(p.name.split("-")[1]) < newest:
+        if not (p / MARKER).exists() and _step_of(p) < newest:
             shutil.rmtree(p, ignore_errors=True)
+
+
+def _allowed_globals() -> list:
+    """The only classes a DeepSpeed ZeRO-3 checkpoint holds besides tensors and builtins (measured with
+    fp32 and bf16; DynamicLossScaler is fp16's). Plain attribute holders: the unpickler may only build
+    them and set attributes, nothing is called."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+
+def safe_load(path: str | Path, map_location=None):
+    """``torch.load`` with ``weights_only=True``: tensors, containers, primitives and the allow-list."""
+    with torch.serialization.safe_globals(_allowed_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def load(engine, path: Path) -> dict:
     """Restore DeepSpeed state from a complete checkpoint; return our client state."""
-    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
-                                             load_optimizer_states=True, load_lr_scheduler_states=True)
+    engine.checkpoint_engine.load = safe_load  # every file DeepSpeed reads on resume goes through it
+    try:
+        _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
+                                                 load_optimizer_states=True, load_lr_scheduler_states=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        raise OneGenError(f"checkpoint {path} holds a pickled object that is not plain data "
+                          f"({found.group(1) if found else str(e).splitlines()[0]}); refusing to load it, as "
+                          f"unpickling it could run code. Delete the checkpoint if you did not make it") from e
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
     rng = client_state.get("torch_rng")

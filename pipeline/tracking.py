@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
+
+from onegen.manifest import atomic_write_bytes
 
 
 def default_tracking_uri(output_dir: str | Path) -> str:
@@ -67,22 +70,28 @@ class Tracker:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.uri = tracking_uri or default_tracking_uri(self.output_dir)
+        self._client = None
         try:
-            import mlflow
+            from mlflow import MlflowClient
 
             if self.uri.startswith(("http://", "https://")):
                 limit_http_retries()
                 probe_server(self.uri)
-            mlflow.set_tracking_uri(self.uri)
-            exp = mlflow.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else mlflow.create_experiment(
+            # A client, not mlflow's global active run: no atexit end_run against a server that died
+            # mid-run (more retries at exit), and no MLFLOW_TRACKING_URI exported to child processes.
+            client = MlflowClient(tracking_uri=self.uri)
+            exp = client.get_experiment_by_name(experiment)
+            exp_id = exp.experiment_id if exp else client.create_experiment(
                 experiment, artifact_location=local_artifact_root(self.uri))
             id_file = self.output_dir / "mlflow_run_id"
             previous = id_file.read_text().strip() if id_file.exists() else None
-            run = mlflow.start_run(run_id=previous, experiment_id=exp_id if not previous else None,
-                                   run_name=None if previous else run_name, tags=tags)
-            self.run_id = run.info.run_id
+            if previous:
+                client.update_run(previous, status="RUNNING")
+                self.run_id = previous
+            else:
+                self.run_id = client.create_run(exp_id, run_name=run_name, tags=tags or {}).info.run_id
             id_file.write_text(self.run_id + "\n")
+            self._client = client
             self.mlflow_ok = True
         except Exception as e:  # never let tracking kill training
             self._degrade(e)
@@ -97,37 +106,42 @@ class Tracker:
         if not (self.enabled and self.mlflow_ok):
             return
         try:
-            import mlflow
-
-            getattr(mlflow, fn_name)(*args, **kw)
+            getattr(self._client, fn_name)(self.run_id, *args, **kw)
         except Exception as e:
             self._degrade(e)
 
     def log_params(self, params: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        from mlflow.entities import Param
+
         flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in flatten(params).items()}
         items = list(flat.items())
         for i in range(0, len(items), 90):  # MLflow caps a batch at 100 params
-            self._call("log_params", {k: str(v)[:6000] for k, v in items[i:i + 90]})
+            self._call("log_batch", params=[Param(k, str(v)[:6000]) for k, v in items[i:i + 90]])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
             return
+        from mlflow.entities import Metric
+
         with open(self.local, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self._call("log_metrics", {k: float(v) for k, v in metrics.items()}, step=step)
+        now = int(time.time() * 1000)
+        self._call("log_batch", metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._call("log_artifact", str(path), artifact_path=artifact_path)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._call("set_tags", tags)
+        from mlflow.entities import RunTag
+
+        self._call("log_batch", tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def end(self, status: str = "FINISHED") -> None:
-        self._call("end_run", status=status)
+        self._call("set_terminated", status=status)
 
 
 def read_local_metrics(output_dir: str | Path) -> list[dict]:
@@ -135,6 +149,29 @@ def read_local_metrics(output_dir: str | Path) -> list[dict]:
     if not p.exists():
         return []
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def truncate_local_metrics(output_dir: str | Path, step: int) -> int:
+    """Keep only rows up to ``step`` (a resume redoes later steps); also drops a line torn by a kill.
+
+    Returns how many rows were dropped. MLflow keeps its history: redone steps appear there twice."""
+    p = Path(output_dir) / "metrics.jsonl"
+    if not p.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in p.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_bytes(p, "".join(f"{line}\n" for line in kept).encode())
+    return dropped
 
 
 def plot_curves(output_dir: str | Path, path: str | Path | None = None) -> Path | None:

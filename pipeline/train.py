@@ -119,7 +119,7 @@ def train(cfg: TrainConfig) -> dict:
     from pipeline.model import build_model, choose_dtype
     from pipeline.plan import BatchPlan
     from pipeline.teacher_forced import retrieval_accuracy
-    from pipeline.tracking import Tracker, plot_curves
+    from pipeline.tracking import Tracker, plot_curves, truncate_local_metrics
     from pipeline.wrapper import OneGenTrainModule
 
     # DeepSpeed's ZeRO-3 calls deprecated c10d names on every step: not the user's concern.
@@ -170,8 +170,13 @@ def train(cfg: TrainConfig) -> dict:
         step, units = int(state["step"]), int(state["units_consumed"])
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
+        # Steps after the resumed checkpoint are redone: drop their rows (and half-written checkpoints)
+        # so metrics.jsonl ends with each step once and no stale file leaks into a new save.
+        truncate_local_metrics(out, step)
+        ckpt.remove_incomplete(ckpt_root)
         (out / "config.yaml").write_text(dump_yaml(cfg))
         (out / "ds_config.json").write_text(json.dumps(ds_cfg, indent=2))
+    dist.barrier()  # no rank saves before rank 0 has cleaned up
     tracker = Tracker(out, enabled=is_main, tracking_uri=cfg.mlflow_tracking_uri, experiment=cfg.mlflow_experiment,
                       run_name=cfg.run_name or f"train-{cfg.loss.mode}-{cfg.model.source}",
                       tags={"onegen.stage": "train", "onegen.mode": cfg.loss.mode, "onegen.model": cfg.model.source})
@@ -189,6 +194,7 @@ def train(cfg: TrainConfig) -> dict:
     flag = StopFlag()
     status = "FAILED"
     stats: dict = {}
+    bar = None
     try:
         bar = tqdm(total=cfg.optim.max_steps, initial=step, disable=not is_main, desc="train", unit="step",
                    dynamic_ncols=True)
@@ -255,6 +261,8 @@ def train(cfg: TrainConfig) -> dict:
             return summary
         return {"step": step}
     finally:
+        if bar is not None:
+            bar.close()  # an error message then starts on its own line, not after the progress bar
         tracker.end(status)
 
 
