@@ -32,6 +32,7 @@ setup(
         "mlflow==3.17.2",
         "pyyaml>=6",
         "tqdm>=4.66",
+        "filelock>=3.12",
         "rich>=13",
         "matplotlib>=3.8",
         "gguf>=0.10",

