@@ -1,7 +1,7 @@
 """The main job: synthetic world → prep → train OneGen and the git baseline (DeepSpeed ZeRO-3, 2 CPU
 ranks) → evaluate OneGen, two-pass, pipeline and no-retrieval on held-out questions → MLflow → a table.
 
-    bash scripts/quickstart.sh                 # the README's first command (≈ 15 min on 2 cores)
+    bash scripts/quickstart.sh                 # the README's first command (≈ 11 min on 2 idle cores, set-up included)
     bash scripts/quickstart.sh --small         # a reduced run (the CI test uses it)
     bash scripts/quickstart.sh --preset smollm2   # SmolLM2-135M (offline GGUF) instead of a tiny Llama
 
