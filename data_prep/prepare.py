@@ -15,6 +15,7 @@ rerun skips the finished ones, so a killed run resumes and ends with the same by
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -284,11 +285,24 @@ def _run_shards(fn, todo: list[int], num_proc: int, desc: str) -> list[dict]:
                 results.append(fn(i))
                 bar.update()
         else:
+            # A worker's error comes back as a value and is raised once every task has finished:
+            # an exception raised through imap while workers were still busy made the pool's
+            # teardown hang now and then (seen in CI).
+            errors = []
             with mp.get_context("fork").Pool(num_proc, initializer=_worker_init) as pool:
-                for r in pool.imap_unordered(fn, todo):
-                    results.append(r)
+                for ok, r in pool.imap_unordered(functools.partial(_call_safely, fn), todo):
+                    (results if ok else errors).append(r)
                     bar.update()
+            if errors:
+                raise errors[0]
     return results
+
+
+def _call_safely(fn, i: int) -> tuple[bool, Any]:
+    try:
+        return True, fn(i)
+    except Exception as e:  # noqa: BLE001 - handed to the parent, which raises it
+        return False, e
 
 
 # ---- the stage --------------------------------------------------------------------------------
