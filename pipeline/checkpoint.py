@@ -127,14 +127,10 @@ def _fsync_tree(path: Path) -> None:
 
 
 def prune(root: Path, keep: int) -> None:
-    """Keep the newest ``keep`` complete checkpoints; drop incomplete leftovers older than the newest."""
+    """Keep the newest ``keep`` complete checkpoints (incomplete ones went at start: ``remove_incomplete``)."""
     complete = complete_checkpoints(root)
     for old in complete[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    newest = _step_of(complete[-1]) if complete else -1
-    for p in root.glob("step-*"):
-        if not (p / MARKER).exists() and _step_of(p) < newest:
-            shutil.rmtree(p, ignore_errors=True)
 
 
 def _allowed_globals() -> list:
