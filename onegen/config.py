@@ -247,7 +247,14 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"{path}: expected a mapping at the top level")
         where, lines = str(path), _yaml_key_lines(text)
     data = apply_overrides(data, overrides or [], cls)
-    return from_dict(cls, data, where=where, lines=lines)
+    try:
+        return _from_dict(cls, data, "")
+    except FieldError as e:
+        # a value check (a dataclass's __post_init__) failed: blame the override that set it, if any
+        overridden = {o.split("=", 1)[0].strip(): o for o in overrides or [] if "=" in o}
+        if e.field in overridden:
+            raise ConfigError(f"override {overridden[e.field]!r}: {e.reason}") from None
+    return from_dict(cls, data, where=where, lines=lines)  # raises again, naming the recipe and line
 
 
 

@@ -60,7 +60,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: str = field(default="ds_configs/zero3.json", metadata={"help": "DeepSpeed JSON config; trainer-known values are 'auto'"})
-    checkpoint_every: int = field(default=50, metadata={"help": "save a resumable DeepSpeed checkpoint every N steps"})
+    checkpoint_every: int = field(default=50, metadata={"help": "save a resumable DeepSpeed checkpoint every N steps (0: only at the end or when stopped)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "complete checkpoints kept (older ones deleted)"})
     eval_every: int = field(default=0, metadata={"help": "teacher-forced evaluation every N steps (0: only at the end)"})
     log_every: int = field(default=1, metadata={"help": "log metrics every N steps"})
@@ -68,3 +68,13 @@ class TrainConfig:
     mlflow_experiment: str = field(default="onegen", metadata={"help": "MLflow experiment name"})
     run_name: str | None = field(default=None, metadata={"help": "MLflow run name (default: mode + model)"})
     export: bool = field(default=True, metadata={"help": "export an HF-loadable model at the end"})
+
+    def __post_init__(self) -> None:
+        from onegen.config import FieldError
+
+        for name in ("checkpoint_every", "eval_every"):
+            if getattr(self, name) < 0:
+                raise FieldError(name, f"expected >= 0 (0 turns it off), got {getattr(self, name)}")
+        for name in ("keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise FieldError(name, f"expected >= 1, got {getattr(self, name)}")

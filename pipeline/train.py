@@ -229,7 +229,7 @@ def train(cfg: TrainConfig) -> dict:
             if eval_sets and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.optim.max_steps:
                 _evaluate(model, eval_sets, tokenizer, cfg, tracker, step, retrieval_accuracy)
             stop = _sync_flag(flag)
-            if step % cfg.checkpoint_every == 0 or stop or step == cfg.optim.max_steps:
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or stop or step == cfg.optim.max_steps:
                 ckpt.save(engine, ckpt_root, step, {"step": step, "units_consumed": units,
                                                     "units_per_step": plan.per_step}, cfg.keep_checkpoints)
             if stop:

@@ -36,3 +36,16 @@ def test_unknown_field_in_recipe_names_file_and_suggestion(tmp_path):
 def test_wrong_type_is_named():
     with pytest.raises(ConfigError, match="train.steps: expected an integer"):
         load_config(Outer, None, ["train.steps=abc"])
+
+
+def test_trainer_value_checks_blame_the_recipe_line_or_the_override(tmp_path):
+    from pipeline.config import TrainConfig
+
+    p = tmp_path / "r.yaml"
+    p.write_text("seed: 0\nkeep_checkpoints: 0\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml:2, field 'keep_checkpoints': expected >= 1, got 0"):
+        load_config(TrainConfig, p)
+    with pytest.raises(ConfigError, match=r"override 'checkpoint_every=-5': expected >= 0 \(0 turns it off\)"):
+        load_config(TrainConfig, None, ["checkpoint_every=-5"])
+    # 0 is valid: no periodic checkpoints (the run still saves at the end); it used to divide by zero
+    assert load_config(TrainConfig, None, ["checkpoint_every=0", "eval_every=0"]).checkpoint_every == 0

@@ -30,6 +30,8 @@ def test_quickstart_small_end_to_end(tmp_path):
         if m != "no-retrieval":  # no retrieval has no Recall@1 by definition
             assert 0.0 <= float(r1) <= 1.0, row
     assert "mlflow ui --backend-store-uri sqlite:///" in p.stdout
+    # long stages show their progress bar (here, without a terminal, as a plain line)
+    assert any(line.lstrip().startswith("train:") and "%|" in line for line in p.stdout.splitlines()), p.stdout[-3000:]
     # every run is in the MLflow store, training and evaluation
     from mlflow import MlflowClient
 
@@ -45,3 +47,11 @@ def test_quickstart_small_end_to_end(tmp_path):
     again = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("done before") >= 7
     assert json.loads((out / "summary.json").read_text())["methods"].keys() >= set(METHODS)
+
+
+def test_quickstart_rejects_bad_steps_before_doing_anything(tmp_path):
+    out = tmp_path / "qs"
+    r = subprocess.run([sys.executable, "-m", "onegen.quickstart", "--steps", "0", "--out", str(out)],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--steps must be >= 1, got 0" in r.stderr
+    assert not out.exists()
