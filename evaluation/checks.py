@@ -12,9 +12,7 @@ import json
 from pathlib import Path
 
 from onegen.errors import ManifestMismatch
-from onegen.manifest import read_manifest
-
-ONEGEN_CONFIG = "onegen_config.json"  # = pipeline.export.ONEGEN_CONFIG (that module imports torch)
+from onegen.manifest import ONEGEN_CONFIG, read_manifest
 
 
 def model_manifest(model_dir: str | Path) -> dict:

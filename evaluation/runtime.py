@@ -20,12 +20,12 @@ import torch
 
 from data_prep.records import Document
 from data_prep.tagging import Tagger, TaggingConfig
-from evaluation.checks import check_data_for_model, model_manifest  # noqa: F401 (re-exported)
+from evaluation.checks import check_data_for_model, model_manifest, onegen_config  # noqa: F401 (model_manifest re-exported)
 from onegen.config import from_dict
 from onegen.errors import ManifestMismatch
 from onegen.tokens import SpecialTokens
 from pipeline.data import PreparedData
-from pipeline.export import load_model, load_onegen_config
+from pipeline.export import load_model
 from pipeline.forward import decoder_of
 
 
@@ -122,7 +122,7 @@ def load_runtime(model_dir: str | Path, data: PreparedData | None = None, *, dev
     """Load an exported checkpoint (and check it against ``data`` when given)."""
     model_dir = Path(model_dir)
     man = model_manifest(model_dir)
-    ocfg = load_onegen_config(model_dir)
+    ocfg = onegen_config(model_dir)
     if data is not None:
         check_compatible(model_dir, data)
     model, tokenizer = load_model(model_dir, device=device or default_device(), dtype=dtype)

@@ -138,10 +138,15 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config", lines: 
     try:
         return _from_dict(cls, data, "")
     except FieldError as e:
-        if lines is None:
-            raise ConfigError(f"{where}.{e.field}: {e.reason}") from None
-        line = _line_of(lines, e.field)
-        raise FieldError(e.field, e.reason, f"{where}:{line}" if line else where) from None
+        raise _located(e, where, lines) from None
+
+
+def _located(e: FieldError, where: str, lines: dict[str, int] | None) -> ConfigError:
+    """``e`` restated with its source: ``where.field: reason``, or ``FILE:LINE, field 'f': reason``."""
+    if lines is None:
+        return ConfigError(f"{where}.{e.field}: {e.reason}")
+    line = _line_of(lines, e.field)
+    return FieldError(e.field, e.reason, f"{where}:{line}" if line else where)
 
 
 def _line_of(lines: dict[str, int], field: str) -> int | None:
@@ -250,11 +255,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     try:
         return _from_dict(cls, data, "")
     except FieldError as e:
-        # a value check (a dataclass's __post_init__) failed: blame the override that set it, if any
+        # a value check (a dataclass's __post_init__) may fail on a value an override set: blame it
         overridden = {o.split("=", 1)[0].strip(): o for o in overrides or [] if "=" in o}
         if e.field in overridden:
             raise ConfigError(f"override {overridden[e.field]!r}: {e.reason}") from None
-    return from_dict(cls, data, where=where, lines=lines)  # raises again, naming the recipe and line
+        raise _located(e, where, lines) from None
 
 
 

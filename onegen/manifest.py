@@ -21,6 +21,9 @@ from onegen.errors import ManifestMismatch
 MANIFEST_NAME = "manifest.json"
 
 
+ONEGEN_CONFIG = "onegen_config.json"  # the OneGen side of a model export (pipeline.export writes it)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temp file in the same directory, fsync, then rename: readers never see half a file."""
     path = Path(path)

@@ -112,13 +112,14 @@ def _disk_full(e: BaseException, root: Path) -> bool:
 
 
 def _fsync_tree(path: Path) -> None:
+    """Every file under ``path``, then the directory itself (its entries)."""
     for p in sorted(path.rglob("*")):
         if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync(p)
+    _fsync(path)
+
+
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from onegen.config import FieldError
+
 
 @dataclass
 class ModelConfig:
@@ -70,8 +72,6 @@ class TrainConfig:
     export: bool = field(default=True, metadata={"help": "export an HF-loadable model at the end"})
 
     def __post_init__(self) -> None:
-        from onegen.config import FieldError
-
         for name in ("checkpoint_every", "eval_every"):
             if getattr(self, name) < 0:
                 raise FieldError(name, f"expected >= 0 (0 turns it off), got {getattr(self, name)}")

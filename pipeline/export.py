@@ -14,9 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from onegen.manifest import fingerprint_files, write_manifest
+from onegen.manifest import ONEGEN_CONFIG, fingerprint_files, write_manifest
 
-ONEGEN_CONFIG = "onegen_config.json"
 
 
 def export_model(engine, model, tokenizer, out_dir: Path, *, cfg, tokens, data, tokenizer_fp: str, step: int,
@@ -58,15 +57,6 @@ def export_model(engine, model, tokenizer, out_dir: Path, *, cfg, tokens, data, 
     if dist.is_initialized():
         dist.barrier()
     return out_dir
-
-
-def load_onegen_config(model_dir: str | Path) -> dict[str, Any]:
-    p = Path(model_dir) / ONEGEN_CONFIG
-    if not p.exists():
-        from onegen.errors import ManifestMismatch
-
-        raise ManifestMismatch(f"{model_dir} has no {ONEGEN_CONFIG}: not a onegen checkpoint export")
-    return json.loads(p.read_text())
 
 
 def load_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
