@@ -6,7 +6,8 @@ Modules (each one job; importing this package imports none of them, so ``metrics
 * ``checks``         ``preflight(model_dir, data_dir)``: manifests, shard sizes, tokenizer match; no torch
 * ``runtime``        ``load_runtime(model_dir, data)``: model + tokenizer + tagger, checked against the data
 * ``index``          ``build_index`` / ``open_index`` / ``DocIndex.search`` (faiss over ``[RD]``/``[SE]`` states)
-* ``kv``             ``KVSession``: a context decoded through the KV cache, forwards counted
+* ``kv``             ``KVSession``: a context decoded through the KV cache, forwards counted;
+                     ``BatchedKV``: several contexts through one batched cache
 * ``retrievers``     ``Retriever`` protocol: OneGen (one pass), TwoPass, BM25, Dense, No retrieval
 * ``generate``       ``answer_row`` / ``run_questions`` / ``run_dialogue`` with ``GenerationConfig``
 * ``align``          marked EL output -> character spans of the original text

@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
                          "tests of an untrained checkpoint; not a benchmark setting)")
     pr.add_argument("--k", type=int, default=5, help="documents retrieved per query (top-1 inserted; recall@k)")
     pr.add_argument("--batch-size", type=int, default=32, help="rows per forward of the teacher-forced pass")
+    pr.add_argument("--gen-batch-size", type=int, default=1,
+                    help="RAG questions decoded together, one batched forward per step (default 1; same answers, "
+                         "more questions per second; s/question is then a throughput, not a latency)")
     pr.add_argument("--device", help="cpu / cuda (default: cuda when available)")
     pr.add_argument("--tracking-uri", help="MLflow tracking URI, or 'train' for the training run's store "
                                            "(default $MLFLOW_TRACKING_URI, else sqlite:///<RESULTS_DIR>/../mlflow.db)")
@@ -129,7 +132,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
                       index=Path(ns.index) if ns.index else None, out=Path(ns.out) if ns.out else None,
                       setting=ns.setting, max_examples=ns.max_examples, kind=ns.kind, max_new_tokens=ns.max_new_tokens,
                       max_hops=ns.max_hops, k=ns.k, force_retrieval_every=ns.force_retrieval_every,
-                      device=ns.device, batch_size=ns.batch_size,
+                      device=ns.device, batch_size=ns.batch_size, gen_batch_size=ns.gen_batch_size,
                       tracking=not ns.no_mlflow, tracking_uri=ns.tracking_uri, experiment=ns.experiment,
                       run_name=ns.run_name, progress=not ns.quiet)
     console.print(f"evaluation run: {ns.method} on {ns.data} with {ns.model} ({ns.setting})", markup=False)

@@ -29,8 +29,13 @@ last token; a round that stopped without EOS is closed with one, then the next r
 that pending token — so each round sees exactly the prompt it would see alone, preceded by the
 previous rounds (their answers and inserted paragraphs included). Each round is one result.
 
-Batched decoding is not implemented: one question at a time (batch 1), which is also what the
-latency comparison of the paper (Figure 3) measures.
+Batched decoding (``GenerationConfig.batch_size`` > 1, ``run_questions`` only): the loop above is a
+generator that yields each forward it needs; ``answer_rows`` runs several through one
+:class:`evaluation.kv.BatchedKV`, one forward per step for the whole group, and gives the batch-1
+tokens (tested; equal states up to float summation order). A paragraph prefill widens the forward
+for every row, so prefills wait while most of the group is decoding and then go together. Batch 1
+stays the default: it is what the latency comparison of the paper (Figure 3) measures, and
+``s_per_question`` of a batched run is a throughput, not a latency.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Generator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -46,7 +51,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from evaluation.index import Hits
-from evaluation.kv import ContextFull, KVSession
+from evaluation.kv import BatchedKV, Context, ContextFull, ForwardOut, KVSession
 from evaluation.retrievers import RetrievalStep, Retriever
 from evaluation.runtime import Runtime
 from onegen.errors import ConfigError
@@ -63,9 +68,10 @@ class GenerationConfig:
     paragraph_budget: int | None = field(default=None, metadata={"help": "max body tokens of an inserted paragraph; None = the data's max_doc_length"})
     max_context: int | None = field(default=None, metadata={"help": "max context tokens; None = the model's max_position_embeddings"})
     mask_context_tokens: bool = field(default=True, metadata={"help": "never generate tokens that are context-only in RAG rows ([RD], <paragraph>, EL tokens, pad)"})
+    batch_size: int = field(default=1, metadata={"help": "questions decoded together through one batched KV cache (run_questions; same tokens as 1, up to float ties)"})
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "k"):
+        for name in ("max_new_tokens", "k", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"GenerationConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_hops < 0:
@@ -149,10 +155,30 @@ def _banned(rt: Runtime, keys: Sequence[str]) -> torch.Tensor:
 RAG_CONTEXT_ONLY = ("rd", "para_open", "para_close", "lk", "se", "con", "mention_open")
 
 
-class _Decoder:
-    """The RAG decoding loop over one :class:`KVSession` (one question, or the rounds of a dialogue)."""
+# What the decoding loop asks for: a forward of its pending tokens (the kind labels the count), and
+# what it gets back: that forward's output. The loop itself never touches a cache.
+Steps = Generator[str, ForwardOut, "QuestionResult"]
 
-    def __init__(self, rt: Runtime, retriever: Retriever, cfg: GenerationConfig) -> None:
+
+def _drive(steps: Steps, session: KVSession) -> QuestionResult:
+    """Run one decoding loop through its own KV cache (batch 1)."""
+    try:
+        kind = next(steps)
+        while True:
+            kind = steps.send(session.forward(kind))
+    except StopIteration as done:
+        return done.value
+
+
+class _Decoder:
+    """The RAG decoding loop over one context (one question, or the rounds of a dialogue).
+
+    ``steps`` is the loop as a generator that yields each forward it needs; ``round`` runs it
+    alone through a :class:`KVSession`, ``run_questions`` runs several through one
+    :class:`BatchedKV`.
+    """
+
+    def __init__(self, rt: Runtime, retriever: Retriever, cfg: GenerationConfig, session: Context | None = None) -> None:
         if rt.docs is None:
             raise ConfigError("the runtime has no documents to insert: load it with the prepared dataset "
                               "(load_runtime(model_dir, open_prepared(...)))")
@@ -161,7 +187,7 @@ class _Decoder:
         self.banned = _banned(rt, RAG_CONTEXT_ONLY) if cfg.mask_context_tokens else torch.zeros(0, dtype=torch.long)
         self.marker = answer_marker(rt)
         self.budget = cfg.paragraph_budget if cfg.paragraph_budget is not None else rt.tagger.cfg.max_doc_length
-        self.session = KVSession(rt, cfg.max_context)
+        self.session = session if session is not None else KVSession(rt, cfg.max_context)
         self.banned = self.banned.to(rt.device)
 
     def _paragraph(self, hits: Hits) -> tuple[list[int], str | None]:
@@ -173,9 +199,13 @@ class _Decoder:
         return self.rt.tagger.paragraph_ids(doc, budget=budget), doc.doc_id
 
     def round(self, row: dict, round_idx: int = 0) -> QuestionResult:
+        assert isinstance(self.session, KVSession)
+        return _drive(self.steps(row, round_idx), self.session)
+
+    def steps(self, row: dict, round_idx: int = 0) -> Steps:
         cfg, s, tok_ = self.cfg, self.session, self.rt.tokenizer
         t0 = time.perf_counter()
-        f0, r0 = Counter(s.forwards), self.retriever.forward_calls
+        f0, retriever_forwards = Counter(s.forwards), 0
         prompt = list(row["input_ids"][: int(row["prompt_len"])])
         if round_idx > 0:
             bos = self.rt.tokenizer.bos_token_id
@@ -196,7 +226,7 @@ class _Decoder:
             s.push(prompt)
         except ContextFull:
             stop = "context_full"
-        out = s.forward("prefill") if stop is None else None
+        out = (yield "prefill") if stop is None else None
         while stop is None:
             if len(generated) >= limit:
                 stop = "forced_length" if cfg.force_new_tokens else "max_new_tokens"
@@ -222,23 +252,25 @@ class _Decoder:
                 stop = "eos"
                 break
             if tok == self.rq:
-                out = s.forward("decode")  # the forward whose input is [RQ]: its state is the query
+                out = yield "decode"  # the forward whose input is [RQ]: its state is the query
                 h = out.hidden[-1]
                 step = RetrievalStep(question=row["question"], generated_text=tok_.decode(own, skip_special_tokens=True),
                                      k=cfg.k, candidates=candidates, hidden=h, context_ids=list(s.context), hop=len(hops))
+                r0 = self.retriever.forward_calls  # counted around the call: other contexts may retrieve in between
                 hits = self.retriever.retrieve(step)
+                retriever_forwards += self.retriever.forward_calls - r0
                 para, inserted = self._paragraph(hits)
                 q = F.normalize(h.detach().float(), dim=-1).cpu().numpy()
                 hops.append(Hop(list(hits), len(s.context) - 1, inserted, q))
                 s.push(para)
-                out = s.forward("prefill")  # the whole paragraph in one forward through the cache
+                out = yield "prefill"  # the whole paragraph in one forward through the cache
                 since = 0
                 continue
             own.append(tok)
             since += 1
             if len(generated) >= limit:
                 continue  # stop at the loop top without feeding a token nobody needs
-            out = s.forward("decode")
+            out = yield "decode"
         own_text = tok_.decode(own, skip_special_tokens=True)
         answer, found = extract_answer(own_text, self.marker)
         f1 = s.forwards - f0
@@ -250,7 +282,7 @@ class _Decoder:
             gold_hops=list(row.get("positives") or []), setting=setting, retriever=getattr(self.retriever, "name", type(self.retriever).__name__),
             stop_reason=stop, n_generated=len(generated), prompt_tokens=len(prompt), context_tokens=len(s.context),
             decode_steps=f1.get("decode", 0), prefills=f1.get("prefill", 0),
-            retriever_forwards=self.retriever.forward_calls - r0, wall_s=time.perf_counter() - t0,
+            retriever_forwards=retriever_forwards, wall_s=time.perf_counter() - t0,
             round=round_idx, output_ids=list(s.context[gen_start:]),
         )
 
@@ -262,21 +294,62 @@ def answer_row(rt: Runtime, row: dict, retriever: Retriever, cfg: GenerationConf
 
 def run_questions(rt: Runtime, retriever: Retriever, cfg: GenerationConfig | None = None,
                   indices: Sequence[int] | None = None, *, progress: bool = True) -> list[QuestionResult]:
-    """Answer rows of the runtime's prepared dataset (all, or ``indices``), each in its own context."""
+    """Answer rows of the runtime's prepared dataset (all, or ``indices``), each in its own context.
+
+    ``cfg.batch_size`` questions at a time share one batched forward per step (:class:`BatchedKV`);
+    a group runs until its last question stops, so ``wall_s`` is then the time from the group's
+    start to the question's end.
+    """
     if rt.data is None:
         raise ConfigError("run_questions needs a runtime loaded with a prepared dataset")
     if rt.data.task != "rag":
         raise ConfigError(f"{rt.data.path} is a {rt.data.task!r} dataset; use evaluation.linking for entity linking")
     cfg = cfg or GenerationConfig()
     indices = list(range(len(rt.data))) if indices is None else list(indices)
-    results = []
+    results: list[QuestionResult] = []
     bar = tqdm(total=len(indices), desc=f"generate [{getattr(retriever, 'name', '?')}]", unit="q", disable=not progress)
+    group = max(1, min(cfg.batch_size, 64))
     for s in range(0, len(indices), 64):
-        for row in rt.data.query_rows(indices[s:s + 64]):
-            results.append(answer_row(rt, row, retriever, cfg))
-            bar.update(1)
+        rows = rt.data.query_rows(indices[s:s + 64])
+        for g in range(0, len(rows), group):
+            done = answer_rows(rt, rows[g:g + group], retriever, cfg)
+            results.extend(done)
+            bar.update(len(done))
     bar.close()
     return results
+
+
+def answer_rows(rt: Runtime, rows: Sequence[dict], retriever: Retriever, cfg: GenerationConfig) -> list[QuestionResult]:
+    """Answer ``rows`` together, each in its own context, one batched forward per step."""
+    if len(rows) == 1:
+        return [answer_row(rt, rows[0], retriever, cfg)]
+    kv = BatchedKV(rt, len(rows), cfg.max_context)
+    loops = [_Decoder(rt, retriever, cfg, session=kv.rows[b]).steps(row) for b, row in enumerate(rows)]
+    results: list[QuestionResult | None] = [None] * len(rows)
+    requests: dict[int, str] = {}
+
+    def advance(b: int, out: ForwardOut | None) -> None:
+        try:
+            requests[b] = next(loops[b]) if out is None else loops[b].send(out)
+        except StopIteration as done:
+            results[b] = done.value
+
+    for b in range(len(rows)):
+        advance(b, None)  # a question whose prompt alone overflows the context stops here, unfed
+    while requests:
+        # A forward is as wide as its longest request for EVERY row of the cache, so a paragraph
+        # prefill next to single-token decodes costs rows x paragraph tokens. Prefills therefore wait
+        # (a context only waits, nothing it computes changes) while most contexts are decoding, and go
+        # together once they are at least half of them.
+        decoding = {b: k for b, k in requests.items() if k == "decode"}
+        waiting = len(requests) - len(decoding)
+        batch = decoding if decoding and 2 * waiting < len(requests) else dict(requests)
+        for b in batch:
+            del requests[b]
+        for b, out in kv.forward(batch).items():
+            advance(b, out)
+    assert all(r is not None for r in results)
+    return results  # type: ignore[return-value]
 
 
 def run_dialogue(rt: Runtime, rows: Sequence[dict], retriever: Retriever,

@@ -11,6 +11,9 @@ state *at* ``[RQ]`` is therefore the output of the forward whose input is ``[RQ]
 state a fresh forward of the whole prefix gives at that position (causal attention), which is the
 query vector OneGen needs, with no second pass.
 
+Several contexts share one forward with :class:`BatchedKV` (batched decoding): each keeps its own
+positions, and the cache slots another context filled are masked out for it.
+
 Note: the LM head alone gives the logits of Llama/Qwen2/Mistral; models with a final logit
 soft-cap or scale (Gemma2, Cohere) differ by a monotonic map, so the greedy argmax is the same.
 """
@@ -53,19 +56,17 @@ def new_cache(model: torch.nn.Module):
         return DynamicCache()
 
 
-class KVSession:
-    """A context and its KV cache; counts forwards by kind (``decode``, ``prefill``, ...)."""
+class Context:
+    """The token bookkeeping of one context: what is in it, what has been fed, forwards by kind.
 
-    def __init__(self, rt: Runtime, max_positions: int | None = None) -> None:
-        self.rt = rt
-        self.decoder = rt.decoder
-        self.head = rt.model.get_output_embeddings()
-        self.device = rt.device
-        self.cache = new_cache(rt.model)
-        self._kw = _cache_kwarg(self.decoder)
+    It owns no cache: :class:`KVSession` runs its forwards alone, :class:`BatchedKV` runs several
+    contexts' forwards together.
+    """
+
+    def __init__(self, max_positions: int) -> None:
         self.context: list[int] = []
         self.fed = 0
-        self.max_positions = max_positions or rt.max_positions
+        self.max_positions = max_positions
         self.forwards: Counter = Counter()
         self.tokens_fed = 0
 
@@ -84,21 +85,92 @@ class KVSession:
                               f"{self.max_positions} positions")
         self.context.extend(int(i) for i in ids)
 
-    @torch.no_grad()
-    def forward(self, kind: str) -> ForwardOut:
-        """Feed every pending token in one forward (``kind`` only labels the count)."""
+    def take(self, kind: str) -> list[int]:
+        """The pending tokens, now counted as fed by one forward of ``kind``."""
         new = self.context[self.fed:]
         if not new:
             raise RuntimeError("nothing to feed: push tokens first")
-        ids = torch.tensor([new], dtype=torch.long, device=self.device)
-        # The DynamicCache is extended in place (no need to read it back from the output).
-        out = self.decoder(input_ids=ids, use_cache=True, **{self._kw: self.cache})
-        hidden = out.last_hidden_state[0]
         self.fed = len(self.context)
         self.forwards[kind] += 1
         self.tokens_fed += len(new)
-        logits = self.head(hidden[-1:]).float()[0]
-        return ForwardOut(hidden, logits)
+        return new
 
     def counts(self) -> dict[str, int]:
         return dict(self.forwards)
+
+
+class KVSession(Context):
+    """A context and its own KV cache (batch 1); counts forwards by kind (``decode``, ``prefill``, ...)."""
+
+    def __init__(self, rt: Runtime, max_positions: int | None = None) -> None:
+        super().__init__(max_positions or rt.max_positions)
+        self.decoder = rt.decoder
+        self.head = rt.model.get_output_embeddings()
+        self.device = rt.device
+        self.cache = new_cache(rt.model)
+        self._kw = _cache_kwarg(self.decoder)
+
+    @torch.no_grad()
+    def forward(self, kind: str) -> ForwardOut:
+        """Feed every pending token in one forward (``kind`` only labels the count)."""
+        ids = torch.tensor([self.take(kind)], dtype=torch.long, device=self.device)
+        # The DynamicCache is extended in place (no need to read it back from the output).
+        out = self.decoder(input_ids=ids, use_cache=True, **{self._kw: self.cache})
+        hidden = out.last_hidden_state[0]
+        logits = self.head(hidden[-1:]).float()[0]
+        return ForwardOut(hidden, logits)
+
+
+class BatchedKV:
+    """``n`` independent contexts decoded together through one KV cache of ``n`` rows.
+
+    Each forward feeds every requesting context's pending tokens, left-aligned in a ``[n, T]``
+    block (``T`` = the most any of them feeds). The slots a context leaves empty, and all ``T``
+    slots of a context that feeds nothing this time, are holes: masked out as keys for good, and
+    not counted in the context's positions, so each context sees exactly the keys and RoPE
+    positions it would see alone (equal states up to float summation order). A context feeds in
+    the first forward or never: a hole query then always has at least slot 0 of its own row to
+    attend to (a fully masked attention row gives NaN, which stays in the row of a context that
+    never feeds).
+    """
+
+    def __init__(self, rt: Runtime, n: int, max_positions: int | None = None) -> None:
+        self.rows = [Context(max_positions or rt.max_positions) for _ in range(n)]
+        self.decoder = rt.decoder
+        self.head = rt.model.get_output_embeddings()
+        self.device = rt.device
+        self.cache = new_cache(rt.model)
+        self._kw = _cache_kwarg(self.decoder)
+        self.mask = torch.zeros(n, 0, dtype=torch.long, device=self.device)
+        self.forwards = 0
+        self.slots = 0  # cache length, holes included
+        self.live: set[int] | None = None  # the contexts fed in the first forward
+
+    @torch.no_grad()
+    def forward(self, requests: dict[int, str]) -> dict[int, ForwardOut]:
+        """One forward for the contexts in ``requests`` (row -> kind); their outputs by row."""
+        if not requests:
+            raise RuntimeError("no context asked for a forward")
+        if self.live is None:
+            self.live = set(requests)
+        elif not self.live.issuperset(requests):
+            raise RuntimeError(f"contexts {sorted(set(requests) - self.live)} did not feed in the first forward")
+        start = {b: self.rows[b].fed for b in range(len(self.rows))}
+        new = {b: self.rows[b].take(kind) for b, kind in requests.items()}
+        n, width = len(self.rows), max(len(t) for t in new.values())
+        ids = torch.zeros(n, width, dtype=torch.long)
+        real = torch.zeros(n, width, dtype=torch.long)
+        for b, toks in new.items():
+            ids[b, :len(toks)] = torch.tensor(toks, dtype=torch.long)
+            real[b, :len(toks)] = 1
+        positions = torch.tensor([start[b] for b in range(n)], dtype=torch.long)[:, None] + torch.arange(width)
+        self.mask = torch.cat([self.mask, real.to(self.device)], dim=1)
+        out = self.decoder(input_ids=ids.to(self.device), attention_mask=self.mask,
+                           position_ids=positions.to(self.device), use_cache=True, **{self._kw: self.cache})
+        self.forwards += 1
+        self.slots += width
+        result = {}
+        for b, toks in new.items():
+            hidden = out.last_hidden_state[b, :len(toks)]
+            result[b] = ForwardOut(hidden, self.head(hidden[-1:]).float()[0])
+        return result

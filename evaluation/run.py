@@ -114,6 +114,7 @@ class EvalRequest:
     force_retrieval_every: int | None = None
     device: str | None = None
     batch_size: int = 32
+    gen_batch_size: int = 1
     tracking: bool = True
     tracking_uri: str | None = None
     experiment: str = "onegen"
@@ -273,8 +274,9 @@ def run_eval(req: EvalRequest, log: Callable[[str], None] = print) -> EvalOutcom
         raise ConfigError(f"--method {req.method!r}: choose one of {list(METHODS)}")
     if req.setting not in ("distractor", "open"):
         raise ConfigError(f"--setting {req.setting!r}: choose distractor or open")
-    if req.max_examples is not None and req.max_examples < 1:
-        raise ConfigError(f"--max-examples must be >= 1, got {req.max_examples}")
+    for flag, value in (("--max-examples", req.max_examples), ("--gen-batch-size", req.gen_batch_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
     model_dir, data_dir = Path(req.model), Path(req.data)
     # Everything that can be refused without loading the model is refused here, in about a second.
     mman, ocfg, dman = preflight(model_dir, data_dir)
@@ -381,7 +383,8 @@ def _run(req: EvalRequest, out: Path, task: str, dman: dict, mman: dict, ocfg: d
     title = f"{req.method} on {Path(req.data).resolve().name} ({req.setting}, n={n})"
     if task == "rag":
         cfg = GenerationConfig(max_new_tokens=req.max_new_tokens or 64, max_hops=req.max_hops, k=req.k,
-                               setting=req.setting, force_retrieval_every=req.force_retrieval_every)  # type: ignore[arg-type]
+                               setting=req.setting, force_retrieval_every=req.force_retrieval_every,  # type: ignore[arg-type]
+                               batch_size=req.gen_batch_size)
         params.update({f"gen.{k}": v for k, v in asdict(cfg).items()})
         retriever = build_retriever(METHODS[req.method], rt, idx)  # (pipelines index the docs here: not timed)
         t0 = time.perf_counter()

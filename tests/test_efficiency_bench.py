@@ -1,5 +1,6 @@
 """bench/efficiency.py --quick: runs end to end, writes the CSV (expected columns, every method at every
-point, identical generation work) and the two-panel PNG, and prints the ratios last."""
+point, identical generation work) and the two-panel PNG, and prints the ratios last.
+bench/generation_batch.py: same answers at every generation batch size, speed-ups printed last."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.eval_fixtures import random_model, world  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,3 +42,16 @@ def test_efficiency_quick(tmp_path):
     tail = p.stdout.strip().splitlines()
     assert tail[-1].startswith("At query length 64: two-pass takes") and "pipeline" in tail[-1]
     assert any("two-pass/one" in line for line in tail)
+
+
+def test_generation_batch_bench(random_model, world):  # noqa: F811
+    """bench/generation_batch.py: same answers at every batch size, questions/s per size, speed-ups last."""
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "generation_batch.py"), "--model", str(random_model),
+                        "--data", str(world / "rag_dev"), "--n", "5", "--batch-sizes", "1", "2", "5",
+                        "--max-new-tokens", "8", "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    lines = p.stdout.strip().splitlines()
+    sizes = [line for line in lines if line.startswith("batch ")]
+    assert [s.split(":")[0].split()[-1] for s in sizes] == ["1", "2", "5"]
+    assert all(s.endswith("answers equal to batch 1: 5/5") for s in sizes)
+    assert lines[-1].startswith("speed-up over batch 1: batch 2 ") and "batch 5 " in lines[-1]

@@ -56,7 +56,7 @@ def runs(env):
     for m in METHODS:
         argv = ["run", "--model", str(env["linked"]), "--data", str(world / "rag_dev"), "--method", m,
                 "--max-examples", "3", "--max-new-tokens", "10", "--force-retrieval-every", "3", "--max-hops", "2",
-                "--out", str(env["base"] / m), "--tracking-uri", env["uri"], "--quiet"]
+                "--gen-batch-size", "2", "--out", str(env["base"] / m), "--tracking-uri", env["uri"], "--quiet"]
         if m == "onegen":
             argv += ["--index", str(env["base"] / "index")]
         assert main(argv) == 0, m
@@ -141,6 +141,7 @@ def test_run_is_an_mlflow_run_nested_under_training(env, runs, method):
     assert tags["onegen.train_run_id"] == env["train_run"] and tags["mlflow.parentRunId"] == env["train_run"]
     assert params["method"] == method and params["setting"] == "distractor" and params["checkpoint_mode"] == "onegen"
     assert len(params["model_fingerprint"]) == 64 and len(params["data_fingerprint"]) == 64
+    assert params["gen.batch_size"] == "2"  # the questions were decoded two at a time
     assert {"em", "f1", "tokens_per_s", "s_per_question"} <= set(metrics)
     assert ("recall_at_1_tf" in metrics) == (method != "no-retrieval")
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -183,6 +184,12 @@ def test_compare_table_png_csv_markdown(env, runs, capsys):
     assert csv_lines[0].startswith("method,mode,model,dataset") and len(csv_lines) == 1 + 6  # 5 RAG + 1 EL, not training
     md = png.with_suffix(".md").read_text()
     assert md.startswith("| method | mode |") and md.count("\n") == 2 + 6
+
+
+def test_refuses_a_generation_batch_below_one(env, capsys):
+    rc = main(["run", "--model", str(env["linked"]), "--data", str(env["world"] / "rag_dev"), "--gen-batch-size", "0",
+               "--no-mlflow", "--out", str(env["base"] / "refused_batch")])
+    assert rc == 2 and "--gen-batch-size must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_refuses_index_of_another_checkpoint(env, other_model, capsys):  # noqa: F811

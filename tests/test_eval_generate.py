@@ -93,6 +93,51 @@ def test_two_pass_makes_one_forward_per_retrieval_and_agrees(setup):
     assert ids[: row["prompt_len"]] == list(row["input_ids"][: row["prompt_len"]]) and ids[-1] == rt.ids["rq"]
 
 
+def _same_result(a, b) -> None:
+    assert (a.output_ids, a.stop_reason, a.answer, a.n_generated) == (b.output_ids, b.stop_reason, b.answer, b.n_generated)
+    assert (a.decode_steps, a.prefills, a.retriever_forwards, a.context_tokens) == \
+        (b.decode_steps, b.prefills, b.retriever_forwards, b.context_tokens)
+    assert [(h.position, h.inserted, [d for d, _ in h.retrieved]) for h in a.hops] == \
+        [(h.position, h.inserted, [d for d, _ in h.retrieved]) for h in b.hops]
+    for ha, hb in zip(a.hops, b.hops):
+        np.testing.assert_allclose(ha.query, hb.query, atol=1e-4)
+        np.testing.assert_allclose([s for _, s in ha.retrieved], [s for _, s in hb.retrieved], atol=1e-4)
+
+
+def test_batched_decoding_gives_the_batch_1_results(setup):
+    rt, idx, data = setup
+    indices = [0, 3, 5, 6, 7]
+    rows = data.query_rows(indices)
+    assert len({r["prompt_len"] for r in rows}) > 1  # contexts of different lengths share the cache
+    cfg = GenerationConfig(max_new_tokens=14, max_hops=2, force_retrieval_every=3, k=4)
+    for retriever in (OneGenRetriever(idx), build_retriever("two_pass", rt, idx)):
+        alone = [answer_row(rt, row, retriever, cfg) for row in rows]
+        stats, handle = decoder_call_counter(rt)
+        try:
+            together = run_questions(rt, retriever, GenerationConfig(**{**cfg.__dict__, "batch_size": 3}), indices,
+                                     progress=False)
+        finally:
+            handle.remove()
+        for a, b in zip(alone, together):
+            _same_result(a, b)
+        # Two groups (3 + 2 questions) on the same forced schedule: one forward per step for a whole
+        # group (plus the two-pass retriever's own forwards), not one per question and step.
+        steps = [r.prefills + r.decode_steps for r in alone]
+        assert stats["calls"] == max(steps[:3]) + max(steps[3:]) + sum(r.retriever_forwards for r in alone)
+    # A question whose prompt alone overflows the context stops unfed; the rest of its group goes on.
+    lens = sorted(r["prompt_len"] for r in rows)
+    tight = GenerationConfig(max_new_tokens=2, max_hops=0, max_context=lens[-1] - 1, batch_size=5)
+    together = run_questions(rt, OneGenRetriever(idx), tight, indices, progress=False)
+    alone = [answer_row(rt, row, OneGenRetriever(idx), tight) for row in rows]
+    unfed = [r for r in together if r.prefills == 0]
+    assert len(unfed) == 1 and unfed[0].stop_reason == "context_full" and unfed[0].n_generated == 0
+    assert "max_new_tokens" in {r.stop_reason for r in together}
+    for a, b in zip(alone, together):
+        _same_result(a, b)
+    with pytest.raises(ConfigError, match="batch_size"):
+        GenerationConfig(batch_size=0)
+
+
 def test_baselines_and_forced_lengths(setup):
     rt, idx, data = setup
     rows = data.query_rows([2, 3])
@@ -204,6 +249,11 @@ def test_end_to_end_trained_checkpoint(trained_model, world, tmp_path):  # noqa:
         for key in ("em", "f1", "hop_recall_at_1", "recall@1", "recall@3"):
             assert 0.0 <= s[key] <= 1.0
         summaries[name] = s
+        if name == "onegen":  # free generation (natural stops at different steps) batched: the same answers
+            batched = run_questions(rt, build_retriever(name, rt, idx), GenerationConfig(**{**cfg.__dict__, "batch_size": 4}),
+                                    indices=range(4), progress=False)
+            for a, b in zip(results, batched):
+                _same_result(a, b)
     assert summaries["none"]["recall@1"] == 0.0
     # Forced retrieval surely exercises recall in free generation with the trained model too.
     forced = run_questions(rt, build_retriever("onegen", rt, idx), GenerationConfig(max_new_tokens=12, force_retrieval_every=3,
