@@ -88,8 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--k", type=int, default=5, help="documents retrieved per query (top-1 inserted; recall@k)")
     pr.add_argument("--batch-size", type=int, default=32, help="rows per forward of the teacher-forced pass")
     pr.add_argument("--gen-batch-size", type=int, default=1,
-                    help="RAG questions decoded together, one batched forward per step (default 1; same answers, "
-                         "more questions per second; s/question is then a throughput, not a latency)")
+                    help="questions (RAG) or texts (EL) decoded together, one batched forward per step (default "
+                         "1; same outputs, more per second; s/question is then a throughput, not a latency)")
     pr.add_argument("--device", help="cpu / cuda (default: cuda when available)")
     pr.add_argument("--tracking-uri", help="MLflow tracking URI, or 'train' for the training run's store "
                                            "(default $MLFLOW_TRACKING_URI, else sqlite:///<RESULTS_DIR>/../mlflow.db)")

@@ -33,9 +33,9 @@ Batched decoding (``GenerationConfig.batch_size`` > 1, ``run_questions`` only): 
 generator that yields each forward it needs; ``answer_rows`` runs several through one
 :class:`evaluation.kv.BatchedKV`, one forward per step for the whole group, and gives the batch-1
 tokens (tested; equal states up to float summation order). A paragraph prefill widens the forward
-for every row, so prefills wait while most of the group is decoding and then go together. Batch 1
-stays the default: it is what the latency comparison of the paper (Figure 3) measures, and
-``s_per_question`` of a batched run is a throughput, not a latency.
+for every row, so prefills wait while most of the group is decoding and then go together
+(``evaluation.kv.drive_batched``). Batch 1 stays the default: it is what the latency comparison of
+the paper (Figure 3) measures, and ``s_per_question`` of a batched run is a throughput.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Generator, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import torch
@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from evaluation.index import Hits
-from evaluation.kv import BatchedKV, Context, ContextFull, ForwardOut, KVSession
+from evaluation.kv import BatchedKV, Context, ContextFull, KVSession, Steps, drive, drive_batched
 from evaluation.retrievers import RetrievalStep, Retriever
 from evaluation.runtime import Runtime
 from onegen.errors import ConfigError
@@ -155,21 +155,6 @@ def _banned(rt: Runtime, keys: Sequence[str]) -> torch.Tensor:
 RAG_CONTEXT_ONLY = ("rd", "para_open", "para_close", "lk", "se", "con", "mention_open")
 
 
-# What the decoding loop asks for: a forward of its pending tokens (the kind labels the count), and
-# what it gets back: that forward's output. The loop itself never touches a cache.
-Steps = Generator[str, ForwardOut, "QuestionResult"]
-
-
-def _drive(steps: Steps, session: KVSession) -> QuestionResult:
-    """Run one decoding loop through its own KV cache (batch 1)."""
-    try:
-        kind = next(steps)
-        while True:
-            kind = steps.send(session.forward(kind))
-    except StopIteration as done:
-        return done.value
-
-
 class _Decoder:
     """The RAG decoding loop over one context (one question, or the rounds of a dialogue).
 
@@ -200,7 +185,7 @@ class _Decoder:
 
     def round(self, row: dict, round_idx: int = 0) -> QuestionResult:
         assert isinstance(self.session, KVSession)
-        return _drive(self.steps(row, round_idx), self.session)
+        return drive(self.steps(row, round_idx), self.session)
 
     def steps(self, row: dict, round_idx: int = 0) -> Steps:
         cfg, s, tok_ = self.cfg, self.session, self.rt.tokenizer
@@ -324,32 +309,7 @@ def answer_rows(rt: Runtime, rows: Sequence[dict], retriever: Retriever, cfg: Ge
     if len(rows) == 1:
         return [answer_row(rt, rows[0], retriever, cfg)]
     kv = BatchedKV(rt, len(rows), cfg.max_context)
-    loops = [_Decoder(rt, retriever, cfg, session=kv.rows[b]).steps(row) for b, row in enumerate(rows)]
-    results: list[QuestionResult | None] = [None] * len(rows)
-    requests: dict[int, str] = {}
-
-    def advance(b: int, out: ForwardOut | None) -> None:
-        try:
-            requests[b] = next(loops[b]) if out is None else loops[b].send(out)
-        except StopIteration as done:
-            results[b] = done.value
-
-    for b in range(len(rows)):
-        advance(b, None)  # a question whose prompt alone overflows the context stops here, unfed
-    while requests:
-        # A forward is as wide as its longest request for EVERY row of the cache, so a paragraph
-        # prefill next to single-token decodes costs rows x paragraph tokens. Prefills therefore wait
-        # (a context only waits, nothing it computes changes) while most contexts are decoding, and go
-        # together once they are at least half of them.
-        decoding = {b: k for b, k in requests.items() if k == "decode"}
-        waiting = len(requests) - len(decoding)
-        batch = decoding if decoding and 2 * waiting < len(requests) else dict(requests)
-        for b in batch:
-            del requests[b]
-        for b, out in kv.forward(batch).items():
-            advance(b, out)
-    assert all(r is not None for r in results)
-    return results  # type: ignore[return-value]
+    return drive_batched(kv, [_Decoder(rt, retriever, cfg, session=kv.rows[b]).steps(row) for b, row in enumerate(rows)])
 
 
 def run_dialogue(rt: Runtime, rows: Sequence[dict], retriever: Retriever,

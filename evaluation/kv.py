@@ -23,7 +23,7 @@ from __future__ import annotations
 import inspect
 from collections import Counter
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Generator, Sequence
 
 import torch
 
@@ -174,3 +174,50 @@ class BatchedKV:
             hidden = out.last_hidden_state[b, :len(toks)]
             result[b] = ForwardOut(hidden, self.head(hidden[-1:]).float()[0])
         return result
+
+
+# A decoding loop as a generator: it yields the kind of each forward it needs (its pending tokens are
+# fed), receives that forward's output, and returns its result.
+Steps = Generator[str, ForwardOut, Any]
+
+
+def drive(steps: Steps, session: KVSession) -> Any:
+    """Run one decoding loop through its own KV cache (batch 1); its result."""
+    try:
+        kind = next(steps)
+        while True:
+            kind = steps.send(session.forward(kind))
+    except StopIteration as done:
+        return done.value
+
+
+def drive_batched(kv: BatchedKV, loops: Sequence[Steps]) -> list[Any]:
+    """Run ``loops`` (loop ``b`` over ``kv.rows[b]``) together, one forward per step; their results.
+
+    A forward is as wide as its longest request for EVERY row of the cache, so one paragraph next to
+    single-token decodes costs rows x paragraph tokens. Wide requests (more than 2 tokens) therefore
+    wait while most loops are narrow, and go together once they are at least half of them. A loop
+    only waits: nothing it computes changes.
+    """
+    results: list[Any] = [None] * len(loops)
+    finished = [False] * len(loops)
+    requests: dict[int, str] = {}
+
+    def advance(b: int, out: ForwardOut | None) -> None:
+        try:
+            requests[b] = next(loops[b]) if out is None else loops[b].send(out)
+        except StopIteration as done:
+            results[b], finished[b] = done.value, True
+
+    for b in range(len(loops)):
+        advance(b, None)  # a loop that stops before feeding anything (prompt too long) never feeds
+    while requests:
+        narrow = {b: k for b, k in requests.items() if kv.rows[b].pending <= 2}
+        wide = len(requests) - len(narrow)
+        batch = narrow if narrow and 2 * wide < len(requests) else dict(requests)
+        for b in batch:
+            del requests[b]
+        for b, out in kv.forward(batch).items():
+            advance(b, out)
+    assert all(finished)
+    return results

@@ -14,6 +14,9 @@ Light grammar constraints keep the output parseable (``constrain``): ``<m>`` onl
 mention, ``[LK]`` only inside one with at least one surface token, the RAG tokens and ``[CON]``
 never generated (``[CON]`` is always forced).
 
+Batched (``LinkConfig.batch_size`` > 1, ``run_linking``): ``link_steps`` is the loop as a generator
+of forward requests, run together through one ``evaluation.kv.BatchedKV`` with the batch-1 tokens.
+
 ``replay``: instead of decoding, feed a given output (e.g. the gold ``input_ids[prompt_len:]``),
 still linking at every ``[LK]`` with the model's own state — entity linking *given the gold
 mentions* (disambiguation only), whose hop-aligned Recall@1 is the free-running counterpart of the
@@ -34,7 +37,7 @@ from tqdm.auto import tqdm
 
 from evaluation.align import align_mentions, parse_marked
 from evaluation.index import DocIndex, Hits
-from evaluation.kv import KVSession
+from evaluation.kv import BatchedKV, Context, KVSession, Steps, drive, drive_batched
 from evaluation.metrics import NIL_ID, aggregate, el_scores, hop_recall_at_1
 from evaluation.runtime import Runtime
 from onegen.errors import ConfigError
@@ -50,10 +53,11 @@ class LinkConfig:
     nil_threshold: float | None = field(default=None, metadata={"help": "predict NIL when the top-1 score is below this (None: never)"})
     constrain: bool = field(default=True, metadata={"help": "grammar masks: <m> only outside a mention, [LK] only inside a non-empty one"})
     max_context: int | None = field(default=None, metadata={"help": "max context tokens; None = the model's max_position_embeddings"})
+    batch_size: int = field(default=1, metadata={"help": "texts decoded together through one batched KV cache (run_linking; same tokens as 1)"})
 
     def __post_init__(self) -> None:
-        if self.k < 1 or self.max_links < 0 or (self.max_new_tokens is not None and self.max_new_tokens < 1):
-            raise ConfigError(f"LinkConfig: k >= 1, max_links >= 0 and max_new_tokens >= 1 are required, got {self}")
+        if self.k < 1 or self.max_links < 0 or self.batch_size < 1 or (self.max_new_tokens is not None and self.max_new_tokens < 1):
+            raise ConfigError(f"LinkConfig: k >= 1, max_links >= 0, batch_size >= 1 and max_new_tokens >= 1 are required, got {self}")
 
 
 @dataclass
@@ -102,6 +106,23 @@ def link_row(rt: Runtime, row: dict, index: DocIndex, cfg: LinkConfig | None = N
              replay: Sequence[int] | None = None) -> LinkResult:
     """Link one prepared EL row (free decoding, or ``replay`` of a given output)."""
     cfg = cfg or LinkConfig()
+    s = KVSession(rt, cfg.max_context)
+    return drive(link_steps(rt, row, index, cfg, s, replay=replay), s)
+
+
+def link_rows(rt: Runtime, rows: Sequence[dict], index: DocIndex, cfg: LinkConfig,
+              replays: Sequence[Sequence[int] | None] | None = None) -> list[LinkResult]:
+    """Link ``rows`` together, each in its own context, one batched forward per step."""
+    replays = replays or [None] * len(rows)
+    if len(rows) == 1:
+        return [link_row(rt, rows[0], index, cfg, replay=replays[0])]
+    kv = BatchedKV(rt, len(rows), cfg.max_context)
+    return drive_batched(kv, [link_steps(rt, row, index, cfg, kv.rows[b], replay=replays[b]) for b, row in enumerate(rows)])
+
+
+def link_steps(rt: Runtime, row: dict, index: DocIndex, cfg: LinkConfig, s: Context, *,
+               replay: Sequence[int] | None = None) -> Steps:
+    """The linking loop over the context ``s``, yielding each forward it needs; returns the result."""
     t0 = time.perf_counter()
     ids = rt.ids
     m_open, lk, con, eos = ids["mention_open"], ids["lk"], ids["con"], rt.eos_id
@@ -112,9 +133,8 @@ def link_row(rt: Runtime, row: dict, index: DocIndex, cfg: LinkConfig | None = N
         seq = [int(t) for t in replay]
         replay = [t for i, t in enumerate(seq) if not (t == con and i > 0 and seq[i - 1] == lk)]
         limit = max(limit, len(replay))
-    s = KVSession(rt, cfg.max_context)
     s.push(list(row["input_ids"][: int(row["prompt_len"])]))
-    out = s.forward("prefill")
+    out = yield "prefill"
     gen_start = len(s.context)
     generated: list[int] = []
     links: list[Link] = []
@@ -149,7 +169,7 @@ def link_row(rt: Runtime, row: dict, index: DocIndex, cfg: LinkConfig | None = N
             break
         if tok == lk:
             s.push([lk, con])
-            out = s.forward("link")  # [LK] and the forced [CON] together: state at [LK] = hidden[-2]
+            out = yield "link"  # [LK] and the forced [CON] together: state at [LK] = hidden[-2]
             q = F.normalize(out.hidden[-2].float(), dim=-1).cpu().numpy()
             hits = index.search(q[None], cfg.k)[0]
             links.append(Link(hits, len(s.context) - 2, None, q))
@@ -162,7 +182,7 @@ def link_row(rt: Runtime, row: dict, index: DocIndex, cfg: LinkConfig | None = N
         s.push([tok])
         if len(generated) >= limit:
             continue
-        out = s.forward("decode")
+        out = yield "decode"
 
     marked = parse_marked(generated, rt.tokenizer, mention_open=m_open, lk=lk, con=con, eos=eos)
     spans = align_mentions(marked, text)
@@ -194,13 +214,18 @@ def run_linking(rt: Runtime, index: DocIndex, cfg: LinkConfig | None = None, ind
     if rt.data is None or rt.data.task != "el":
         raise ConfigError("run_linking needs a runtime loaded with an entity-linking prepared dataset (task 'el')")
     indices = list(range(len(rt.data))) if indices is None else list(indices)
-    results = []
+    cfg = cfg or LinkConfig()
+    results: list[LinkResult] = []
     bar = tqdm(total=len(indices), desc="link", unit="text", disable=not progress)
+    group = max(1, min(cfg.batch_size, 64))
     for s in range(0, len(indices), 64):
-        for row in rt.data.query_rows(indices[s:s + 64]):
-            replay = list(row["input_ids"][int(row["prompt_len"]):]) if gold_mentions else None
-            results.append(link_row(rt, row, index, cfg, replay=replay))
-            bar.update(1)
+        rows = rt.data.query_rows(indices[s:s + 64])
+        for g in range(0, len(rows), group):
+            part = rows[g:g + group]
+            replays = [list(r["input_ids"][int(r["prompt_len"]):]) if gold_mentions else None for r in part]
+            done = link_rows(rt, part, index, cfg, replays)
+            results.extend(done)
+            bar.update(len(done))
     bar.close()
     return results
 

@@ -420,7 +420,7 @@ def _run(req: EvalRequest, out: Path, task: str, dman: dict, mman: dict, ocfg: d
         tf_plot = {k.split("/")[1]: v for k, v in tf.items() if k.startswith("recall@1/")} if tf else {}
         details = {"summary": summary, "teacher_forced": tf, "generation": asdict(cfg)}
     else:
-        lcfg = LinkConfig(max_new_tokens=req.max_new_tokens, k=req.k)
+        lcfg = LinkConfig(max_new_tokens=req.max_new_tokens, k=req.k, batch_size=req.gen_batch_size)
         params.update({f"link.{k}": v for k, v in asdict(lcfg).items()})
         t0 = time.perf_counter()
         results = run_linking(rt, idx, lcfg, indices, progress=req.progress)  # type: ignore[arg-type]

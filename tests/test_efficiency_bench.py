@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.eval_fixtures import random_model, world  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,10 +46,11 @@ def test_efficiency_quick(tmp_path):
     assert any("two-pass/one" in line for line in tail)
 
 
-def test_generation_batch_bench(random_model, world):  # noqa: F811
-    """bench/generation_batch.py: same answers at every batch size, questions/s per size, speed-ups last."""
+@pytest.mark.parametrize("dataset", ["rag_dev", "el_dev"])
+def test_generation_batch_bench(random_model, world, dataset):  # noqa: F811
+    """bench/generation_batch.py: same outputs at every batch size, rows/s per size, speed-ups last."""
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "generation_batch.py"), "--model", str(random_model),
-                        "--data", str(world / "rag_dev"), "--n", "5", "--batch-sizes", "1", "2", "5",
+                        "--data", str(world / dataset), "--n", "5", "--batch-sizes", "1", "2", "5",
                         "--max-new-tokens", "8", "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     lines = p.stdout.strip().splitlines()

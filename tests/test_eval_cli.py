@@ -62,7 +62,7 @@ def runs(env):
         assert main(argv) == 0, m
         out[m] = env["base"] / m
     assert main(["run", "--model", str(env["elsewhere"]), "--data", str(world / "el_dev"), "--method", "onegen",
-                 "--max-examples", "2", "--max-new-tokens", "16", "--out", str(env["base"] / "el"),
+                 "--max-examples", "2", "--max-new-tokens", "16", "--gen-batch-size", "2", "--out", str(env["base"] / "el"),
                  "--tracking-uri", env["uri"], "--quiet"]) == 0
     out["el"] = env["base"] / "el"
     return out
@@ -164,6 +164,7 @@ def test_entity_linking_run(env, runs, capsys):
     # The checkpoint's training run is not in this store: linked by tag, not nested.
     assert run.data.tags["onegen.train_run_id"] == "0" * 32 and "mlflow.parentRunId" not in run.data.tags
     assert run.data.tags["onegen.dataset"] == "el_dev" and "el_f1" in run.data.metrics
+    assert run.data.params["link.batch_size"] == "2"  # both texts decoded together
     # Only the model's own [LK] retrieval makes sense for EL.
     capsys.readouterr()
     rc = main(["run", "--model", str(env["elsewhere"]), "--data", str(env["world"] / "el_dev"), "--method", "two-pass",

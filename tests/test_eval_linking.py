@@ -134,3 +134,26 @@ def test_linking_end_to_end_trained(trained_model, world, tmp_path):  # noqa: F8
             json.loads(json.dumps(r.to_dict()))
     s = summarize_linking(given)
     assert s["md_recall"] > 0.5 and s["link_recall_at_1"] is not None
+
+
+def test_batched_linking_gives_the_batch_1_results(el_setup):
+    rt, idx, data = el_setup
+    indices = list(range(min(5, len(data))))
+    for gold in (True, False):
+        cfg = LinkConfig(k=3, max_new_tokens=None if gold else 24)
+        alone = run_linking(rt, idx, cfg, indices, gold_mentions=gold, progress=False)
+        stats, handle = decoder_call_counter(rt)
+        try:
+            together = run_linking(rt, idx, LinkConfig(**{**cfg.__dict__, "batch_size": 3}), indices, gold_mentions=gold,
+                                   progress=False)
+        finally:
+            handle.remove()
+        assert stats["calls"] < sum(r.prefills + r.decode_steps + r.link_forwards for r in alone)
+        for a, b in zip(alone, together):
+            assert (a.output_ids, a.predictions, a.stop_reason) == (b.output_ids, b.predictions, b.stop_reason)
+            assert (a.decode_steps, a.prefills, a.link_forwards) == (b.decode_steps, b.prefills, b.link_forwards)
+            assert [[d for d, _ in l.retrieved] for l in a.links] == [[d for d, _ in l.retrieved] for l in b.links]
+            for la, lb in zip(a.links, b.links):
+                np.testing.assert_allclose(la.query, lb.query, atol=1e-4)
+        if gold:  # replaying the gold output links every gold mention
+            assert sum(len(r.links) for r in together) == sum(len(r["positives"]) for r in data.query_rows(indices))
