@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 from evaluation.index import Hits
 from evaluation.kv import BatchedKV, Context, ContextFull, KVSession, Steps, drive, drive_batched
 from evaluation.retrievers import RetrievalStep, Retriever
-from evaluation.runtime import Runtime
+from evaluation.runtime import Runtime, row_groups
 from onegen.errors import ConfigError
 
 
@@ -293,13 +293,10 @@ def run_questions(rt: Runtime, retriever: Retriever, cfg: GenerationConfig | Non
     indices = list(range(len(rt.data))) if indices is None else list(indices)
     results: list[QuestionResult] = []
     bar = tqdm(total=len(indices), desc=f"generate [{getattr(retriever, 'name', '?')}]", unit="q", disable=not progress)
-    group = max(1, min(cfg.batch_size, 64))
-    for s in range(0, len(indices), 64):
-        rows = rt.data.query_rows(indices[s:s + 64])
-        for g in range(0, len(rows), group):
-            done = answer_rows(rt, rows[g:g + group], retriever, cfg)
-            results.extend(done)
-            bar.update(len(done))
+    for rows in row_groups(rt.data, indices, cfg.batch_size):
+        done = answer_rows(rt, rows, retriever, cfg)
+        results.extend(done)
+        bar.update(len(done))
     bar.close()
     return results
 

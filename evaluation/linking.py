@@ -39,7 +39,7 @@ from evaluation.align import align_mentions, parse_marked
 from evaluation.index import DocIndex, Hits
 from evaluation.kv import BatchedKV, Context, KVSession, Steps, drive, drive_batched
 from evaluation.metrics import NIL_ID, aggregate, el_scores, hop_recall_at_1
-from evaluation.runtime import Runtime
+from evaluation.runtime import Runtime, row_groups
 from onegen.errors import ConfigError
 
 EL_NEVER_GENERATED = ("rq", "rd", "para_open", "para_close", "se", "con")
@@ -217,15 +217,11 @@ def run_linking(rt: Runtime, index: DocIndex, cfg: LinkConfig | None = None, ind
     cfg = cfg or LinkConfig()
     results: list[LinkResult] = []
     bar = tqdm(total=len(indices), desc="link", unit="text", disable=not progress)
-    group = max(1, min(cfg.batch_size, 64))
-    for s in range(0, len(indices), 64):
-        rows = rt.data.query_rows(indices[s:s + 64])
-        for g in range(0, len(rows), group):
-            part = rows[g:g + group]
-            replays = [list(r["input_ids"][int(r["prompt_len"]):]) if gold_mentions else None for r in part]
-            done = link_rows(rt, part, index, cfg, replays)
-            results.extend(done)
-            bar.update(len(done))
+    for rows in row_groups(rt.data, indices, cfg.batch_size):
+        replays = [list(r["input_ids"][int(r["prompt_len"]):]) if gold_mentions else None for r in rows]
+        done = link_rows(rt, rows, index, cfg, replays)
+        results.extend(done)
+        bar.update(len(done))
     bar.close()
     return results
 

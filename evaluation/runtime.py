@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -115,6 +115,15 @@ class Runtime:
     @property
     def max_positions(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+
+
+def row_groups(data: PreparedData, indices: Sequence[int], size: int) -> Iterator[list[dict]]:
+    """The query rows at ``indices``, ``size`` at a time (read from the shards in chunks of >= 64)."""
+    chunk = max(64, size)
+    for s in range(0, len(indices), chunk):
+        rows = data.query_rows(list(indices[s:s + chunk]))
+        for g in range(0, len(rows), size):
+            yield rows[g:g + size]
 
 
 def load_runtime(model_dir: str | Path, data: PreparedData | None = None, *, device: str | None = None,

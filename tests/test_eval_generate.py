@@ -11,7 +11,7 @@ from evaluation.generate import GenerationConfig, answer_row, extract_answer, ru
 from evaluation.index import build_index, open_index
 from evaluation.retrievers import (BM25Retriever, DenseRetriever, NoRetriever, OneGenRetriever, RetrievalStep,
                                    TwoPassRetriever, build_retriever)
-from evaluation.runtime import load_runtime
+from evaluation.runtime import load_runtime, row_groups
 from evaluation.scoring import summarize_rag
 from evaluation.teacher_forced import teacher_forced_recall
 from onegen.errors import ConfigError, ManifestMismatch
@@ -136,6 +136,11 @@ def test_batched_decoding_gives_the_batch_1_results(setup):
         _same_result(a, b)
     with pytest.raises(ConfigError, match="batch_size"):
         GenerationConfig(batch_size=0)
+    # Groups are cut from the rows in order, any size (none capped at the 64-row read chunk).
+    n = len(data)
+    assert [[r["example_id"] for r in g] for g in row_groups(data, range(n), 4)] == \
+        [[r["example_id"] for r in data.query_rows(list(range(n)))[i:i + 4]] for i in range(0, n, 4)]
+    assert [len(g) for g in row_groups(data, range(n), 100)] == [n]
 
 
 def test_baselines_and_forced_lengths(setup):
