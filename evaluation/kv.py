@@ -169,11 +169,10 @@ class BatchedKV:
                            position_ids=positions.to(self.device), use_cache=True, **{self._kw: self.cache})
         self.forwards += 1
         self.slots += width
-        result = {}
-        for b, toks in new.items():
-            hidden = out.last_hidden_state[b, :len(toks)]
-            result[b] = ForwardOut(hidden, self.head(hidden[-1:]).float()[0])
-        return result
+        rows = list(new)
+        last = out.last_hidden_state[torch.tensor(rows), torch.tensor([len(new[b]) - 1 for b in rows])]
+        logits = self.head(last).float()  # one LM-head pass for all rows: its weights are read once
+        return {b: ForwardOut(out.last_hidden_state[b, :len(new[b])], logits[i]) for i, b in enumerate(rows)}
 
 
 # A decoding loop as a generator: it yields the kind of each forward it needs (its pending tokens are
