@@ -12,9 +12,9 @@ complete, so a rerun is cheap and an interrupted run resumes (training from its 
 from __future__ import annotations
 
 import argparse
-import re
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys

@@ -9,13 +9,11 @@ import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from onegen.manifest import ONEGEN_CONFIG, fingerprint_files, write_manifest
-
 
 
 def export_model(engine, model, tokenizer, out_dir: Path, *, cfg, tokens, data, tokenizer_fp: str, step: int,
