@@ -79,3 +79,19 @@ def add_special_tokens(tokenizer: Any, tokens: SpecialTokens) -> dict[str, int]:
             raise ValueError(f"special token {t!r} could not be added to the tokenizer")
     return ids
 
+
+
+def base_vocab_size(tokenizer: Any, tokens: SpecialTokens) -> int:
+    """The tokenizer's length before the OneGen tokens were added (design §8: "new" means an id at
+    or past it).
+
+    ``add_special_tokens`` appends the missing tokens last, so the new ones are the run of OneGen
+    ids ending at ``len(tokenizer) - 1``. A OneGen token the base vocabulary already had sits below
+    that run and keeps its trained rows. Not the embedding matrix's size: Qwen2 pads its matrix
+    (151,936 rows) past its ~151,650 tokens, so new ids fall *inside* the matrix.
+    """
+    ids = {tokenizer.convert_tokens_to_ids(t) for t in tokens.all_tokens()}
+    n = len(tokenizer)
+    while n - 1 in ids:
+        n -= 1
+    return n

@@ -20,6 +20,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -69,7 +70,7 @@ def save(engine, ckpt_root: str | Path, step: int, client_state: dict, keep: int
     root = Path(ckpt_root)
     tag = tag_for(step)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    client_state = dict(client_state, torch_rng=torch.get_rng_state())
+    client_state = dict(client_state, **rng_state())
     try:
         # save_latest=False: DeepSpeed would point `latest` at this tag before it is complete
         engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
@@ -163,10 +164,29 @@ def load(engine, path: Path) -> dict:
                           f"unpickling it could run code. Delete the checkpoint if you did not make it") from e
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
-    rng = client_state.get("torch_rng")
-    if rng is not None:
-        torch.set_rng_state(rng)
+    restore_rng(client_state)
     return client_state
+
+
+def rng_state() -> dict:
+    """The RNG states a resume restores: torch's CPU generator, and every CUDA device's on a GPU
+    (dropout and any sampling on the GPU draw from those, not from the CPU generator)."""
+    state = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng(client_state: dict) -> None:
+    if client_state.get("torch_rng") is not None:
+        torch.set_rng_state(client_state["torch_rng"].cpu())
+    cuda = client_state.get("cuda_rng")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) != torch.cuda.device_count():
+            warnings.warn(f"the checkpoint holds the CUDA RNG state of {len(cuda)} device(s), this node has "
+                          f"{torch.cuda.device_count()}: CUDA RNG states are not restored", stacklevel=2)
+        else:
+            torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
 
 
 def read_marker(path: Path) -> dict:

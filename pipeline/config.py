@@ -16,12 +16,14 @@ class ModelConfig:
     intermediate_size: int = field(default=384, metadata={"help": "tiny model: MLP size"})
     num_layers: int = field(default=4, metadata={"help": "tiny model: layers"})
     num_heads: int = field(default=4, metadata={"help": "tiny model: attention heads"})
+    num_key_value_heads: int = field(default=0, metadata={"help": "tiny model: key/value heads for grouped-query attention (0: num_heads; Qwen2-1.5B has 2)"})
+    vocab_size: int = field(default=0, metadata={"help": "tiny model: embedding rows (0: the tokenizer's length; more pads the matrix past the vocabulary, as Qwen2 does)"})
     max_position_embeddings: int = field(default=1024, metadata={"help": "tiny model: max positions"})
     tie_word_embeddings: bool = field(default=False, metadata={"help": "tiny model: tie input embeddings and LM head"})
     allow_network: bool = field(default=False, metadata={"help": "allow loading the model from the Hugging Face hub"})
     trust_remote_code: bool = field(default=False, metadata={"help": "run model code shipped with the checkpoint (off unless you trust it)"})
     attn_implementation: str = field(default="auto", metadata={"help": "auto (flash_attention_2 with CUDA + flash-attn, else sdpa), sdpa, eager, flash_attention_2"})
-    dtype: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={"help": "auto: bf16 on a GPU that supports it, else fp32"})
+    dtype: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={"help": "auto: bf16 on a GPU that supports it, else fp32 (flash-attn needs bf16)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
 
 
@@ -30,6 +32,7 @@ class DataConfig:
     train: list[str] = field(default_factory=list, metadata={"help": "prepared dataset dirs (data_prep output) to train on, mixed"})
     eval: list[str] = field(default_factory=list, metadata={"help": "prepared dataset dirs for the periodic teacher-forced evaluation"})
     eval_max_rows: int = field(default=200, metadata={"help": "rows of each eval set used by the periodic evaluation"})
+    eval_max_candidates: int = field(default=2000, metadata={"help": "entity linking: KB entries the periodic evaluation ranks against (the rows' positives + a seeded sample); a larger KB is sampled and the metric is then named retrieval_acc@N"})
 
 
 @dataclass
@@ -46,6 +49,8 @@ class LossConfig:
 class OptimConfig:
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata={"help": "AdamW betas (the OneGen reference: [0.9, 0.999])"})
+    epochs: float = field(default=0.0, metadata={"help": "passes over the training rows; > 0 derives max_steps from the data size, world size and batch (0: use max_steps)"})
     warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps"})
     max_steps: int = field(default=200, metadata={"help": "optimizer steps to train (the run ends there)"})
     micro_batch_size: int = field(default=8, metadata={"help": "query rows per rank per micro-step"})
@@ -72,6 +77,10 @@ class TrainConfig:
     export: bool = field(default=True, metadata={"help": "export an HF-loadable model at the end"})
 
     def __post_init__(self) -> None:
+        if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
+            raise FieldError("optim.betas", f"expected two numbers in [0, 1), got {self.optim.betas}")
+        if self.optim.epochs < 0:
+            raise FieldError("optim.epochs", f"expected >= 0 (0: use max_steps), got {self.optim.epochs}")
         for name in ("checkpoint_every", "eval_every"):
             if getattr(self, name) < 0:
                 raise FieldError(name, f"expected >= 0 (0 turns it off), got {getattr(self, name)}")

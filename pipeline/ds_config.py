@@ -108,8 +108,18 @@ def load_ds_config(path: str | Path) -> dict[str, Any]:
 
 def fill_auto(cfg: dict[str, Any], *, micro_batch: int, grad_accum: int, world_size: int, lr: float,
               weight_decay: float, warmup_steps: int, total_steps: int, grad_clip: float, bf16: bool,
-              hidden_size: int) -> dict[str, Any]:
-    """Replace every ``"auto"`` with the value the trainer decided; unknown ``"auto"`` is an error."""
+              hidden_size: int, betas: tuple[float, float] | list[float] = (0.9, 0.95),
+              cuda: bool | None = None) -> dict[str, Any]:
+    """Replace every ``"auto"`` with the value the trainer decided; unknown ``"auto"`` is an error.
+
+    ``hidden_size`` is the *loaded model's* (its config's ``hidden_size``, see
+    ``pipeline.model.model_hidden_size``): the ZeRO bucket sizes and persistence threshold follow it
+    exactly as transformers' own DeepSpeed integration computes them. ``cuda`` (default: whether a
+    CUDA device is present) picks the optimizer kernel: on GPUs DeepSpeed's fused Adam (its CPU Adam
+    when the optimizer is offloaded) and overlapped communication; on CPU plain torch AdamW, since
+    DeepSpeed's fused CPU optimizers JIT-compile for ~45 s (design §3).
+    """
+    cuda = _cuda() if cuda is None else cuda
     c = copy.deepcopy(cfg)
     known = {
         ("train_micro_batch_size_per_gpu",): micro_batch,
@@ -119,15 +129,19 @@ def fill_auto(cfg: dict[str, Any], *, micro_batch: int, grad_accum: int, world_s
         ("bf16", "enabled"): bf16,
         ("optimizer", "params", "lr"): lr,
         ("optimizer", "params", "weight_decay"): weight_decay,
+        ("optimizer", "params", "betas"): [float(b) for b in betas],
+        ("optimizer", "params", "torch_adam"): not cuda,
+        ("zero_optimization", "overlap_comm"): cuda,
         ("scheduler", "params", "warmup_max_lr"): lr,
-        ("scheduler", "params", "warmup_num_steps"): min(warmup_steps, max(total_steps - 1, 1)),
+        # DeepSpeed >= 0.19.6 refuses 0 and warms up over at least 2 steps anyway: "no warm-up" runs as 1
+        ("scheduler", "params", "warmup_num_steps"): max(1, min(warmup_steps, max(total_steps - 1, 1))),
         ("scheduler", "params", "total_num_steps"): max(total_steps, 2),
         ("zero_optimization", "reduce_bucket_size"): hidden_size * hidden_size,
         ("zero_optimization", "allgather_bucket_size"): max(hidden_size * hidden_size, int(5e8) if hidden_size > 1024 else int(5e7)),
         ("zero_optimization", "stage3_prefetch_bucket_size"): int(0.9 * hidden_size * hidden_size),
         ("zero_optimization", "stage3_param_persistence_threshold"): 10 * hidden_size,
-        ("zero_optimization", "offload_optimizer", "pin_memory"): _cuda(),
-        ("zero_optimization", "offload_param", "pin_memory"): _cuda(),
+        ("zero_optimization", "offload_optimizer", "pin_memory"): cuda,
+        ("zero_optimization", "offload_param", "pin_memory"): cuda,
     }
 
     def walk(node: Any, path: tuple[str, ...]) -> Any:

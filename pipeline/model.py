@@ -17,37 +17,14 @@ from typing import Any
 
 import torch
 
+from onegen.devices import choose_attention, choose_dtype  # noqa: F401 (choose_dtype re-exported)
 from onegen.errors import ConfigError
-from onegen.tokens import SpecialTokens
+from onegen.tokens import SpecialTokens, base_vocab_size
 from pipeline.config import ModelConfig
 
 log = logging.getLogger("onegen.model")
 
 SMOLLM2_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "models" / "smollm2-135m-instruct"
-
-
-def choose_attention(requested: str = "auto") -> str:
-    """flash_attention_2 where CUDA and the flash-attn package exist, else sdpa (one place decides)."""
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
-
-
-def choose_dtype(requested: str = "auto") -> torch.dtype:
-    if requested == "bf16":
-        return torch.bfloat16
-    if requested == "fp32":
-        return torch.float32
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
 
 
 def tiny_config(cfg: ModelConfig, vocab_size: int, tokenizer: Any):
@@ -56,7 +33,8 @@ def tiny_config(cfg: ModelConfig, vocab_size: int, tokenizer: Any):
 
     common = dict(
         vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_key_value_heads or cfg.num_heads,
         max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
@@ -116,17 +94,42 @@ def resolve_source(cfg: ModelConfig) -> str | None:
     return cfg.source
 
 
+def model_config(cfg: ModelConfig, tokenizer: Any) -> Any:
+    """The transformers config of the model ``cfg`` names, read without loading any weights."""
+    source = resolve_source(cfg)
+    if source is None:
+        return tiny_config(cfg, max(cfg.vocab_size, len(tokenizer)), tokenizer)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code,
+                                      local_files_only=not cfg.allow_network)
+
+
+def model_hidden_size(config: Any) -> int:
+    """The hidden size the ZeRO bucket sizes follow, read as transformers' DeepSpeed integration reads
+    it (``hidden_size``, else the largest of ``hidden_sizes``, else the text config's)."""
+    for c in (config, getattr(config, "text_config", None)):
+        if c is None:
+            continue
+        if getattr(c, "hidden_size", None):
+            return int(c.hidden_size)
+        if getattr(c, "hidden_sizes", None):
+            return int(max(c.hidden_sizes))
+    raise ConfigError(f"the model config ({type(config).__name__}) has no hidden_size: the DeepSpeed 'auto' bucket "
+                      "sizes cannot be computed; give numbers for them in the DeepSpeed config")
+
+
 def build_model(cfg: ModelConfig, tokenizer: Any, *, seed: int, init_new_tokens: SpecialTokens | None) -> torch.nn.Module:
     """Create the model (under an active ``HfDeepSpeedConfig`` it is born partitioned for ZeRO-3)."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    attn = choose_attention(cfg.attn_implementation)
     dtype = choose_dtype(cfg.dtype)
+    attn, why = choose_attention(cfg.attn_implementation, dtype)
     source = resolve_source(cfg)
     torch.manual_seed(seed)
     if source is None:
-        config = tiny_config(cfg, len(tokenizer), tokenizer)
+        config = tiny_config(cfg, max(cfg.vocab_size, len(tokenizer)), tokenizer)
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
         # Every row exists from birth; the special tokens still get the description-mean start.
         ids = [tokenizer.convert_tokens_to_ids(t) for t in (init_new_tokens.all_tokens() if init_new_tokens else [])]
@@ -140,19 +143,21 @@ def build_model(cfg: ModelConfig, tokenizer: Any, *, seed: int, init_new_tokens:
         model = AutoModelForCausalLM.from_pretrained(source, attn_implementation=attn, dtype=dtype,
                                                      trust_remote_code=cfg.trust_remote_code,
                                                      local_files_only=not cfg.allow_network)
-        old_vocab = model.get_input_embeddings().weight.ds_shape[0] if is_deepspeed_zero3_enabled() and hasattr(
-            model.get_input_embeddings().weight, "ds_shape") else model.get_input_embeddings().weight.shape[0]
-        if len(tokenizer) > old_vocab:
+        weight = model.get_input_embeddings().weight
+        rows = weight.ds_shape[0] if is_deepspeed_zero3_enabled() and hasattr(weight, "ds_shape") else weight.shape[0]
+        if len(tokenizer) > rows:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         if init_new_tokens is not None:
-            init_special_rows(model, tokenizer, init_new_tokens, old_vocab)
+            # "new" by the tokenizer, not the matrix: Qwen2's padded matrix already has rows for them
+            init_special_rows(model, tokenizer, init_new_tokens, base_vocab_size(tokenizer, init_new_tokens))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    log.info("model %s: attention=%s dtype=%s", cfg.source, attn, dtype)
+    log.info("model %s: attention=%s (%s) dtype=%s", cfg.source, attn, why, dtype)
     model.onegen_attention = attn
+    model.onegen_attention_why = why
     return model
 
 

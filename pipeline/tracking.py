@@ -187,7 +187,8 @@ def plot_curves(output_dir: str | Path, path: str | Path | None = None) -> Path 
     path = Path(path or Path(output_dir) / "training_curves.png")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for key, ax in (("loss_gen", axes[0]), ("loss_ret", axes[0]), ("ret_acc", axes[1]), ("eval/retrieval_acc", axes[1])):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
+        # a sampled entity KB names the metric eval/retrieval_acc@N (pipeline.train._evaluate)
+        pts = [(r["step"], v) for r in rows for k, v in r.items() if k == key or k.startswith(key + "@")]
         if pts:
             xs, ys = zip(*sorted(dict(pts).items()))
             ax.plot(xs, ys, label=key, marker="o" if key.startswith("eval") else None, markersize=3)

@@ -22,18 +22,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import socket
 import sys
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script (deepspeed pipeline/train.py): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import onegen.distributed as collectives  # noqa: E402
 from onegen.config import dump_yaml, help_text, load_config  # noqa: E402
 from onegen.errors import OneGenError  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
@@ -89,181 +92,246 @@ class StopFlag:
         self.signal = signum
 
 
-def _sync_flag(flag: StopFlag) -> bool:
-    """Every rank must agree to stop at the same step (a signal may reach only some)."""
-    import torch
-    import torch.distributed as dist
+@dataclass
+class Run:
+    """What one training run holds between its set-up and its end."""
 
-    t = torch.tensor([1.0 if flag.signal else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    cfg: TrainConfig
+    rank: int
+    world: int
+    engine: Any
+    model: Any
+    wrapped: Any
+    tokenizer: Any
+    tokens: Any
+    train_sets: list
+    eval_sets: list
+    collators: list
+    plan: Any
+    ds_cfg: dict
+    tracker: Any = None
+    step: int = 0
+    units: int = 0
+    resumed_from: Path | None = None
+    last_stats: dict = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    def collate(self, epoch: int, d_idx: int, rows: list[int]):
+        return self.collators[d_idx](self.train_sets[d_idx].query_rows(rows), epoch=epoch)
 
 
 def train(cfg: TrainConfig) -> dict:
+    # DeepSpeed's ZeRO-3 calls deprecated c10d names on every step: not the user's concern.
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
+    run = _set_up(cfg)
+    status = "FAILED"
+    try:
+        stopped = _loop(run)
+        if stopped:
+            status = "KILLED"
+            return {"step": run.step, "stopped": True}
+        summary = _finish(run)
+        status = "FINISHED"
+        return summary
+    finally:
+        run.tracker.end(status)
+
+
+def _set_up(cfg: TrainConfig) -> Run:
+    """Distributed start-up, data, model and engine, resume, output dir and tracker."""
     import deepspeed
     import torch
-    import torch.distributed as dist
-    from tqdm import tqdm
     from transformers import AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
 
-    from data_prep.tokenizer import tokenizer_fingerprint
-    from onegen.manifest import git_commit
     from onegen.tokens import SpecialTokens
     from pipeline import checkpoint as ckpt
     from pipeline.collator import CollatorConfig, OneGenCollator
     from pipeline.data import check_tokenizer, open_prepared
     from pipeline.ds_config import fill_auto, load_ds_config, zero_stage
-    from pipeline.export import export_model
     from pipeline.loss import JointLossConfig
-    from pipeline.model import build_model, choose_dtype
+    from pipeline.model import build_model, choose_dtype, model_config, model_hidden_size
     from pipeline.plan import BatchPlan
-    from pipeline.teacher_forced import retrieval_accuracy
-    from pipeline.tracking import Tracker, plot_curves, truncate_local_metrics
     from pipeline.wrapper import OneGenTrainModule
 
-    # DeepSpeed's ZeRO-3 calls deprecated c10d names on every step: not the user's concern.
-    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
     rank, world, _ = setup_distributed()
-    is_main = rank == 0
-    out = Path(cfg.output_dir)
+    if rank == 0:
+        print(f"[train] {world} rank(s) started; loading data and building the model", flush=True)
     if not cfg.data.train:
         raise OneGenError("data.train is empty: give the prepared dataset dir(s), e.g. data.train=[runs/world/rag_train]")
     train_sets = [open_prepared(p) for p in cfg.data.train]
     eval_sets = [open_prepared(p) for p in cfg.data.eval]
-    tok_dir = train_sets[0].path / "tokenizer"
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(train_sets[0].path / "tokenizer"), local_files_only=True)
     for d in train_sets[1:] + eval_sets:
         check_tokenizer(d, tokenizer, f"the tokenizer of {train_sets[0].path}")
     tokens = SpecialTokens.from_dict(train_sets[0].manifest["config"]["tokens"])
+    plan = BatchPlan([len(d) for d in train_sets], cfg.optim.micro_batch_size, cfg.optim.grad_accum, world, cfg.seed)
+    if cfg.optim.epochs:
+        cfg.optim.max_steps = max(1, math.ceil(cfg.optim.epochs * plan.units_per_epoch / plan.per_step))
 
-    ds_cfg = load_ds_config(cfg.deepspeed)
     dtype = choose_dtype(cfg.model.dtype)
-    hidden = cfg.model.hidden_size
-    ds_cfg = fill_auto(ds_cfg, micro_batch=cfg.optim.micro_batch_size, grad_accum=cfg.optim.grad_accum,
-                       world_size=world, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                       warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.optim.max_steps,
-                       grad_clip=cfg.optim.grad_clip, bf16=dtype == torch.bfloat16, hidden_size=hidden)
-    # Kept alive for the whole run: under ZeRO-3 it makes from_config/from_pretrained build the
-    # model already partitioned (and HF weight init still runs, unlike a raw zero.Init()).
-    hf_ds = HfDeepSpeedConfig(ds_cfg) if zero_stage(ds_cfg) == 3 else None  # noqa: F841
+    ds_cfg = fill_auto(load_ds_config(cfg.deepspeed), micro_batch=cfg.optim.micro_batch_size,
+                       grad_accum=cfg.optim.grad_accum, world_size=world, lr=cfg.optim.lr,
+                       weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps,
+                       total_steps=cfg.optim.max_steps, grad_clip=cfg.optim.grad_clip, bf16=dtype == torch.bfloat16,
+                       hidden_size=model_hidden_size(model_config(cfg.model, tokenizer)), betas=cfg.optim.betas)
+    # Kept alive for the whole run (on the Run's engine): under ZeRO-3 it makes from_config/from_pretrained
+    # build the model already partitioned (and HF weight init still runs, unlike a raw zero.Init()).
+    hf_ds = HfDeepSpeedConfig(ds_cfg) if zero_stage(ds_cfg) == 3 else None
     model = build_model(cfg.model, tokenizer, seed=cfg.seed, init_new_tokens=tokens)
     joint = JointLossConfig(mode=cfg.loss.mode, lambda_gen=cfg.loss.lambda_gen, lambda_ret=cfg.loss.lambda_ret,
                             ret_loss=cfg.loss.ret_loss, temperature=cfg.loss.temperature)
     wrapped = OneGenTrainModule(model, joint, world)
+    if rank == 0:
+        print("[train] starting DeepSpeed (the first run on a machine builds a communication op, ~20 s)", flush=True)
     engine, _, _, _ = deepspeed.initialize(model=wrapped, model_parameters=[p for p in wrapped.parameters() if p.requires_grad],
                                            config=ds_cfg)
-    device = engine.device
+    engine.onegen_hf_ds_config = hf_ds
     collators = [OneGenCollator(d.doc_rows, tokenizer.pad_token_id,
                                 CollatorConfig(mode=cfg.loss.mode, num_negatives=cfg.loss.num_negatives, seed=cfg.seed))
                  for d in train_sets]
-    plan = BatchPlan([len(d) for d in train_sets], cfg.optim.micro_batch_size, cfg.optim.grad_accum, world, cfg.seed)
-
-    step, units = 0, 0
-    ckpt_root = out / "checkpoints"
-    resume_from = ckpt.latest_complete(ckpt_root)
-    if resume_from is not None:
-        _check_resume_config(out, cfg)
-        state = ckpt.load(engine, resume_from)
-        if state.get("units_per_step") not in (None, plan.per_step) and is_main:
+    run = Run(cfg, rank, world, engine, model, wrapped, tokenizer, tokens, train_sets, eval_sets, collators, plan, ds_cfg)
+    run.resumed_from = ckpt.latest_complete(run.ckpt_root)
+    if run.resumed_from is not None:
+        _check_resume_config(run.out, cfg)
+        state = ckpt.load(engine, run.resumed_from)
+        if state.get("units_per_step") not in (None, plan.per_step) and run.is_main:
             log.warning("resuming with a different world size × grad_accum; the data position is kept in units")
-        step, units = int(state["step"]), int(state["units_consumed"])
-    if is_main:
+        run.step, run.units = int(state["step"]), int(state["units_consumed"])
+    _prepare_output(run)
+    return run
+
+
+def _prepare_output(run: Run) -> None:
+    """Rank 0 cleans and writes the output dir (the others wait), then the tracker starts."""
+    import torch.distributed as dist
+
+    from onegen.manifest import git_commit
+    from pipeline import checkpoint as ckpt
+    from pipeline.ds_config import zero_stage
+    from pipeline.tracking import Tracker, truncate_local_metrics
+
+    cfg, out = run.cfg, run.out
+    if run.is_main:
         out.mkdir(parents=True, exist_ok=True)
         # Steps after the resumed checkpoint are redone: drop their rows (and half-written checkpoints)
         # so metrics.jsonl ends with each step once and no stale file leaks into a new save.
-        truncate_local_metrics(out, step)
-        ckpt.remove_incomplete(ckpt_root)
+        truncate_local_metrics(out, run.step)
+        ckpt.remove_incomplete(run.ckpt_root)
         (out / "config.yaml").write_text(dump_yaml(cfg))
-        (out / "ds_config.json").write_text(json.dumps(ds_cfg, indent=2))
+        (out / "ds_config.json").write_text(json.dumps(run.ds_cfg, indent=2))
     dist.barrier()  # no rank saves before rank 0 has cleaned up
-    tracker = Tracker(out, enabled=is_main, tracking_uri=cfg.mlflow_tracking_uri, experiment=cfg.mlflow_experiment,
-                      run_name=cfg.run_name or f"train-{cfg.loss.mode}-{cfg.model.source}",
-                      tags={"onegen.stage": "train", "onegen.mode": cfg.loss.mode, "onegen.model": cfg.model.source})
-    if is_main:
-        if resume_from is None:
-            tracker.log_params({"config": asdict(cfg), "deepspeed": ds_cfg, "world_size": world,
-                                "data_fingerprints": [d.fingerprint for d in train_sets], "git_commit": git_commit(),
-                                "attention": model.onegen_attention, "dtype": str(dtype)})
-            tracker.log_artifact(out / "config.yaml")
-            tracker.log_artifact(out / "ds_config.json")
-        print(f"[train] {cfg.loss.mode} · {cfg.model.source} · {world} rank(s) · ZeRO-{zero_stage(ds_cfg)} · "
-              f"{sum(len(d) for d in train_sets)} rows · {cfg.optim.max_steps} steps"
-              + (f" · resuming from {resume_from.name}" if resume_from else ""), flush=True)
+    run.tracker = Tracker(out, enabled=run.is_main, tracking_uri=cfg.mlflow_tracking_uri, experiment=cfg.mlflow_experiment,
+                          run_name=cfg.run_name or f"train-{cfg.loss.mode}-{cfg.model.source}",
+                          tags={"onegen.stage": "train", "onegen.mode": cfg.loss.mode, "onegen.model": cfg.model.source})
+    if not run.is_main:
+        return
+    if run.resumed_from is None:
+        run.tracker.log_params({"config": asdict(cfg), "deepspeed": run.ds_cfg, "world_size": run.world,
+                                "data_fingerprints": [d.fingerprint for d in run.train_sets], "git_commit": git_commit(),
+                                "attention": run.model.onegen_attention, "attention_why": run.model.onegen_attention_why,
+                                "dtype": str(run.model.dtype)})
+        run.tracker.log_artifact(out / "config.yaml")
+        run.tracker.log_artifact(out / "ds_config.json")
+    print(f"[train] {cfg.loss.mode} · {cfg.model.source} · {run.world} rank(s) · ZeRO-{zero_stage(run.ds_cfg)} · "
+          f"{run.model.onegen_attention} ({run.model.onegen_attention_why}) · "
+          f"{sum(len(d) for d in run.train_sets)} rows · {cfg.optim.max_steps} steps"
+          + (f" ({cfg.optim.epochs:g} epochs)" if cfg.optim.epochs else "")
+          + (f" · resuming from {run.resumed_from.name}" if run.resumed_from else ""), flush=True)
 
+
+def _loop(run: Run) -> bool:
+    """Train to ``max_steps``; True when a signal stopped the run (after a checkpoint)."""
+    from tqdm import tqdm
+
+    from pipeline import checkpoint as ckpt
+    from pipeline.step import accumulate
+
+    cfg, engine = run.cfg, run.engine
     flag = StopFlag()
-    status = "FAILED"
-    stats: dict = {}
-    bar = None
+    bar = tqdm(total=cfg.optim.max_steps, initial=run.step, disable=not run.is_main, desc="train", unit="step",
+               dynamic_ncols=True)
     try:
-        bar = tqdm(total=cfg.optim.max_steps, initial=step, disable=not is_main, desc="train", unit="step",
-                   dynamic_ncols=True)
         engine.train()
-        while step < cfg.optim.max_steps:
+        while run.step < cfg.optim.max_steps:
             t0 = time.time()
-            n_tokens = 0
-            for epoch, d_idx, rows_idx in plan.step_units(units, rank):
-                batch = collators[d_idx](train_sets[d_idx].query_rows(rows_idx), epoch=epoch).to(device)
-                n_tokens += batch.num_tokens()
-                loss = engine(batch)
-                stats = wrapped.last_stats
-                engine.backward(loss)
-                engine.step()
-            units += plan.per_step
-            step += 1
-            tok = torch.tensor([float(n_tokens)])
-            dist.all_reduce(tok)
-            dt = time.time() - t0
-            metrics = {"loss": stats["loss"], "loss_gen": stats["loss_gen"], "loss_ret": stats["loss_ret"],
-                       "ret_acc": stats["ret_acc"], "lr": engine.get_lr()[0], "tokens_per_s": tok.item() / dt, "step_s": dt,
-                       "epoch": units / plan.units_per_epoch}
-            metrics["peak_mem_mb"] = peak_memory_mb()
-            gn = engine.get_global_grad_norm()
-            if gn is not None:
-                metrics["grad_norm"] = float(gn)
-            if is_main and step % cfg.log_every == 0:
-                tracker.log_metrics(metrics, step)
+            stats, n_tokens = accumulate(engine, lambda: run.wrapped.last_stats, run.plan.step_units(run.units, run.rank),
+                                         run.collate, run.wrapped.loss_cfg, engine.device)
+            run.units += run.plan.per_step
+            run.step += 1
+            metrics = _step_metrics(run, stats, n_tokens, time.time() - t0)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", gen=f"{metrics['loss_gen']:.3f}",
                             ret=f"{metrics['loss_ret']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             bar.update()
-            if eval_sets and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.optim.max_steps:
-                _evaluate(model, eval_sets, tokenizer, cfg, tracker, step, retrieval_accuracy)
-            stop = _sync_flag(flag)
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or stop or step == cfg.optim.max_steps:
-                ckpt.save(engine, ckpt_root, step, {"step": step, "units_consumed": units,
-                                                    "units_per_step": plan.per_step}, cfg.keep_checkpoints)
+            if run.eval_sets and cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < cfg.optim.max_steps:
+                _evaluate(run)
+            stop = collectives.any_rank(flag.signal is not None, engine.device)
+            if (cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0) or stop or run.step == cfg.optim.max_steps:
+                ckpt.save(engine, run.ckpt_root, run.step, {"step": run.step, "units_consumed": run.units,
+                                                            "units_per_step": run.plan.per_step}, cfg.keep_checkpoints)
             if stop:
-                if is_main:
-                    print(f"\n[train] signal {flag.signal}: checkpoint {ckpt.tag_for(step)} written; rerun to resume",
+                if run.is_main:
+                    print(f"\n[train] signal {flag.signal}: checkpoint {ckpt.tag_for(run.step)} written; rerun to resume",
                           flush=True)
-                status = "KILLED"
-                return {"step": step, "stopped": True}
-        bar.close()
-        final_eval = _evaluate(model, eval_sets, tokenizer, cfg, tracker, step, retrieval_accuracy) if eval_sets else {}
-        export_dir = None
-        if cfg.export:
-            export_dir = export_model(engine, model, tokenizer, out / "model", cfg=cfg, tokens=tokens,
-                                      data=train_sets, tokenizer_fp=tokenizer_fingerprint(tokenizer), step=step,
-                                      run_id=tracker.run_id, zero3=zero_stage(ds_cfg) == 3)
-        status = "FINISHED"
-        if is_main:
-            curves = plot_curves(out)
-            if curves:
-                tracker.log_artifact(curves)
-            summary = {"step": step, "output_dir": str(out), "checkpoint": str(ckpt.latest_complete(ckpt_root)),
-                       "model": str(export_dir) if export_dir else None, "mlflow_run_id": tracker.run_id,
-                       "final": {k: stats.get(k) for k in ("loss", "loss_gen", "loss_ret", "ret_acc")}, "eval": final_eval}
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
-            print(f"[train] done: step {step}; loss {stats.get('loss', float('nan')):.4f} (gen {stats.get('loss_gen', 0):.4f}, "
-                  f"ret {stats.get('loss_ret', 0):.4f}); " + " ".join(f"{k}={v:.3f}" for k, v in final_eval.items()))
-            print(f"[train] model: {export_dir}  checkpoints: {ckpt_root}  MLflow run: {tracker.run_id} "
-                  f"({tracker.uri if tracker.enabled else '-'})", flush=True)
-            return summary
-        return {"step": step}
+                return True
+        return False
     finally:
-        if bar is not None:
-            bar.close()  # an error message then starts on its own line, not after the progress bar
-        tracker.end(status)
+        bar.close()  # an error message then starts on its own line, not after the progress bar
+
+
+def _step_metrics(run: Run, stats: dict, n_tokens: float, seconds: float) -> dict:
+    metrics = {k: stats[k] for k in ("loss", "loss_gen", "loss_ret", "ret_acc")}
+    metrics.update(lr=run.engine.get_lr()[0], tokens_per_s=n_tokens / seconds, step_s=seconds,
+                   epoch=run.units / run.plan.units_per_epoch, peak_mem_mb=peak_memory_mb())
+    gn = run.engine.get_global_grad_norm()
+    if gn is not None:
+        metrics["grad_norm"] = float(gn)
+    run.last_stats = stats
+    if run.is_main and run.step % run.cfg.log_every == 0:
+        run.tracker.log_metrics(metrics, run.step)
+    return metrics
+
+
+def _finish(run: Run) -> dict:
+    """Final evaluation, export, curves and summary."""
+    from data_prep.tokenizer import tokenizer_fingerprint
+    from pipeline import checkpoint as ckpt
+    from pipeline.ds_config import zero_stage
+    from pipeline.export import export_model
+    from pipeline.tracking import plot_curves
+
+    cfg, out, stats = run.cfg, run.out, run.last_stats
+    final_eval = _evaluate(run) if run.eval_sets else {}
+    export_dir = None
+    if cfg.export:
+        export_dir = export_model(run.engine, run.model, run.tokenizer, out / "model", cfg=cfg, tokens=run.tokens,
+                                  data=run.train_sets, tokenizer_fp=tokenizer_fingerprint(run.tokenizer), step=run.step,
+                                  run_id=run.tracker.run_id, zero3=zero_stage(run.ds_cfg) == 3)
+    if not run.is_main:
+        return {"step": run.step}
+    curves = plot_curves(out)
+    if curves:
+        run.tracker.log_artifact(curves)
+    summary = {"step": run.step, "output_dir": str(out), "checkpoint": str(ckpt.latest_complete(run.ckpt_root)),
+               "model": str(export_dir) if export_dir else None, "mlflow_run_id": run.tracker.run_id,
+               "final": {k: stats.get(k) for k in ("loss", "loss_gen", "loss_ret", "ret_acc")}, "eval": final_eval}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"[train] done: step {run.step}; loss {stats.get('loss', float('nan')):.4f} (gen {stats.get('loss_gen', 0):.4f}, "
+          f"ret {stats.get('loss_ret', 0):.4f}); " + " ".join(f"{k}={v:.3f}" for k, v in final_eval.items()))
+    print(f"[train] model: {export_dir}  checkpoints: {run.ckpt_root}  MLflow run: {run.tracker.run_id} "
+          f"({run.tracker.uri if run.tracker.enabled else '-'})", flush=True)
+    return summary
 
 
 def _check_resume_config(out: Path, cfg: TrainConfig) -> None:
@@ -285,16 +353,21 @@ def _check_resume_config(out: Path, cfg: TrainConfig) -> None:
                           f"resume with the original settings or use a new output_dir")
 
 
-def _evaluate(model, eval_sets, tokenizer, cfg, tracker, step, retrieval_accuracy) -> dict:
-    results = {}
-    for d in eval_sets:
-        name = d.path.name
-        r = retrieval_accuracy(model, d, tokenizer.pad_token_id, max_rows=cfg.data.eval_max_rows)
-        results[f"eval/{name}/retrieval_acc"] = r["retrieval_acc"]
-        results[f"eval/{name}/retrieval_mrr"] = r["retrieval_mrr"]
-    if len(eval_sets) == 1:
-        results["eval/retrieval_acc"] = next(v for k, v in results.items() if k.endswith("retrieval_acc"))
-    tracker.log_metrics(results, step)
+def _evaluate(run: Run) -> dict:
+    """Teacher-forced retrieval accuracy on each eval set (every rank runs it: ZeRO-3 forwards are collective)."""
+    from pipeline.teacher_forced import retrieval_accuracy
+
+    cfg, results = run.cfg, {}
+    for d in run.eval_sets:
+        r = retrieval_accuracy(run.model, d, run.tokenizer.pad_token_id, max_rows=cfg.data.eval_max_rows,
+                               max_candidates=cfg.data.eval_max_candidates, seed=cfg.seed)
+        at = f"@{r['candidates']}" if r["sampled"] else ""  # a sampled KB is not the whole KB: say so in the name
+        results[f"eval/{d.path.name}/retrieval_acc{at}"] = r["retrieval_acc"]
+        results[f"eval/{d.path.name}/retrieval_mrr{at}"] = r["retrieval_mrr"]
+    if len(run.eval_sets) == 1:
+        key = next(k for k in results if "/retrieval_acc" in k)
+        results["eval/retrieval_acc" + key[key.index("retrieval_acc") + len("retrieval_acc"):]] = results[key]
+    run.tracker.log_metrics(results, run.step)
     return results
 
 

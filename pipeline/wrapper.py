@@ -20,6 +20,8 @@ class OneGenTrainModule(torch.nn.Module):
         self.world_size = world_size
         self.last_stats: dict = {}
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        loss, self.last_stats = compute_joint_loss(self.lm, batch, self.loss_cfg, world_size=self.world_size)
+    def forward(self, batch: Batch, totals: tuple[float, float] | None = None) -> torch.Tensor:
+        """``totals``: the step's global (GEN, RET) counts (``pipeline.step``); None: this batch's own."""
+        loss, self.last_stats = compute_joint_loss(self.lm, batch, self.loss_cfg, world_size=self.world_size,
+                                                   totals=totals)
         return loss

@@ -1,0 +1,42 @@
+"""One optimizer step: this rank's micro-batches, their forwards and backwards, and the step's statistics.
+
+The loss of every micro-batch is normalised by the *step's* global counts (GEN targets and RET
+vectors over all its micro-batches and ranks, known from the collated batches before any forward),
+and DeepSpeed is told not to divide by the accumulation steps again. So ``grad_accum`` micro-batches
+give the gradients, and the logged losses, of one micro-batch holding all their rows; the logged
+statistics are the step's, not its last micro-batch's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+import onegen.distributed as collectives
+from pipeline.collator import Batch
+from pipeline.forward import loss_counts, merge_stats
+from pipeline.loss import JointLossConfig
+
+Collate = Callable[[int, int, list[int]], Batch]  # (epoch, dataset index, row indices) -> Batch
+
+
+def accumulate(engine: Any, stats_of: Callable[[], dict], units: Sequence[tuple[int, int, list[int]]],
+               collate: Collate, loss_cfg: JointLossConfig, device: torch.device) -> tuple[dict, float]:
+    """Forward and backward every micro-batch of one step; returns (step statistics, global tokens).
+
+    ``stats_of`` reads the statistics of the last forward (``OneGenTrainModule.last_stats``).
+    ``engine.step()`` is called after each backward, as DeepSpeed expects; it updates the weights
+    only at the accumulation boundary.
+    """
+    batches = [collate(epoch, d_idx, rows) for epoch, d_idx, rows in units]
+    counts = [loss_counts(b, loss_cfg) for b in batches]
+    local = [sum(c[0] for c in counts), sum(c[1] for c in counts), sum(b.num_tokens() for b in batches)]
+    n_gen, n_ret, n_tokens = collectives.sum_across_ranks(local, device)
+    parts = []
+    for batch in batches:
+        loss = engine(batch.to(device), totals=(n_gen, n_ret))
+        parts.append(stats_of())
+        engine.backward(loss, scale_wrt_gas=False)  # already normalised by the whole step's counts
+        engine.step()
+    return merge_stats(parts, loss_cfg), n_tokens
