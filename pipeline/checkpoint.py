@@ -136,13 +136,17 @@ def prune(root: Path, keep: int) -> None:
 
 
 def _allowed_globals() -> list:
-    """The only classes a DeepSpeed ZeRO-3 checkpoint holds besides tensors and builtins (measured with
-    fp32 and bf16; DynamicLossScaler is fp16's). Plain attribute holders: the unpickler may only build
-    them and set attributes, nothing is called."""
+    """The only classes DeepSpeed checkpoints hold besides tensors and builtins, measured by resuming
+    ZeRO-3 (fp32, bf16, optimizer offloaded to CPU) and ZeRO-2 (fp32, bf16) runs: ZeRO-2 keeps a
+    ``fragment_address`` (numel, start) per parameter; DynamicLossScaler is fp16's. Plain attribute
+    holders: the unpickler may only build them and set attributes, nothing is called. On GPUs the
+    optimizer state is the same tensors and numbers (FusedAdam and CPU Adam keep exp_avg/exp_avg_sq/step),
+    which ``bench/gpu_smoke.sh`` confirms by resuming a bf16 run."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 def safe_load(path: str | Path, map_location=None):

@@ -64,3 +64,15 @@ def test_two_ranks_train_and_resume(world, tmp_path):
     assert "resuming from step-000003" in second.stdout and "2 rank(s)" in second.stdout
     assert [m["step"] for m in _metrics(out)] == [1, 2, 3, 4, 5]
     _check_export(out / "model", world)
+
+
+@pytest.mark.parametrize("ds_config,dtype", [("zero2.json", "fp32"), ("zero2.json", "bf16"), ("zero3_offload.json", "bf16")])
+def test_resume_passes_the_weights_only_loader_for_every_ds_config(world, tmp_path, ds_config, dtype):
+    """Every DeepSpeed layout we ship resumes through the weights_only allow-list (ZeRO-2 keeps a
+    fragment_address per parameter, which was refused before it was listed)."""
+    out = tmp_path / "run"
+    extra = [f"deepspeed=ds_configs/{ds_config}", f"model.dtype={dtype}", "checkpoint_every=2", "optim.micro_batch_size=4"]
+    run(train_cmd("python", world, out, "optim.max_steps=2", *extra))
+    second = run(train_cmd("python", world, out, "optim.max_steps=3", *extra))
+    assert "resuming from step-000002" in second.stdout and "[train] done: step 3" in second.stdout
+    assert [m["step"] for m in _metrics(out)] == [1, 2, 3]
