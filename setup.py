@@ -1,8 +1,20 @@
 """onegen: one-pass unified generation and retrieval (OneGen) — data prep, ZeRO-3 training, evaluation.
 
-Install for CPU development:   pip install -e ".[cpu,dev]"
-Install on a GPU cluster:      pip install -e ".[gpu,flash]"   (torch's CUDA build comes from PyPI)
-``scripts/bootstrap.sh`` does the CPU install into ``.venv`` (used by the README's two commands).
+Install for CPU development:   pip install -e ".[cpu,dev]"    (``scripts/bootstrap.sh`` does it into .venv)
+Install on a GPU machine:      bash scripts/install_gpu.sh    (docs/gpu.md), which runs, in this order:
+
+    pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128   # CUDA build first
+    pip install -e ".[gpu,dev]"                                # faiss-gpu, pytest + everything else
+    pip install ninja packaging psutil wheel setuptools        # flash-attn's build needs them installed
+    pip install "flash-attn>=2.6" --no-build-isolation         # builds against the torch above
+    python bench/gpu_smoke.py stack                            # prints the stack; fails if flash-attn is broken
+
+flash-attn cannot come with the other extras in one ``pip install -e ".[gpu,flash]"``: its setup.py
+imports torch, so pip's isolated build (an empty environment without torch) fails, and a wheel built
+for another torch/CUDA fails at import with an undefined symbol. The ``flash`` extra is only for
+``pip install --no-build-isolation -e ".[flash]"`` once the CUDA torch is installed. A flash-attn that
+is installed but does not load is an error at run time (``onegen/devices.py``), never a silent fall
+back to sdpa.
 """
 
 from setuptools import find_packages, setup
@@ -39,10 +51,14 @@ setup(
         "sentencepiece>=0.2",
     ],
     extras_require={
-        # faiss-cpu and faiss-gpu both provide the `faiss` module: install exactly one.
+        # faiss-cpu and faiss-gpu both provide the `faiss` module: install exactly one. faiss-gpu is
+        # the faiss project's own CUDA 12 wheel (abi3, Python >= 3.10; >= 1.14.3: older faiss-gpu
+        # wheels stop at Python 3.10), pulling nvidia-cuda-runtime-cu12/cublas-cu12; it needs a CUDA 12
+        # driver, like torch's cu12x builds.
         "cpu": ["faiss-cpu>=1.8"],
-        "gpu": ["faiss-gpu>=1.8"],
-        "flash": ["flash-attn>=2.5"],
+        "gpu": ["faiss-gpu>=1.14.3"],
+        # Only with --no-build-isolation, after the CUDA torch (see the docstring): scripts/install_gpu.sh.
+        "flash": ["flash-attn>=2.6"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3"],
     },
     entry_points={"console_scripts": ["onegen-prep=data_prep.__main__:main"]},

@@ -17,6 +17,12 @@
 # same command later, and the trainer resumes from the latest complete checkpoint. `scancel` (TERM)
 # lets the trainer checkpoint within KillWait and does not requeue.
 #
+# CPUs: one srun task per node runs every rank of that node, so the task asks for the node's share of
+# CPUs: --cpus-per-task=64 (8 per GPU for 8 GPUs; data loading, NCCL proxy threads, the optimizer).
+# Without it a cluster whose default is one CPU per task puts all eight ranks on one core. Override
+# with `sbatch --cpus-per-task=N` (or CPUS_PER_TASK=N slurm/launch.sh ...) for nodes with fewer CPUs
+# or fewer GPUs; the per-node step gets the same count and OMP_NUM_THREADS = CPUs / ranks.
+#
 # Environment: GPUS_PER_NODE (default: what SLURM allocated; 0 = CPU, gloo), CPU_PROCS_PER_NODE
 # (CPU ranks per node, default min(2, CPUs)), MASTER_PORT (default 20000 + job id % 20000),
 # ONEGEN_MAX_REQUEUES (default 20), ONEGEN_DRY_RUN=1 (print each node's command, start nothing),
@@ -26,6 +32,7 @@
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
 #SBATCH --signal=B:USR1@120
 #SBATCH --requeue
 #SBATCH --open-mode=append
@@ -66,16 +73,16 @@ onegen_log "${SLURM_NNODES:-1} node(s) x $([ "$GPUS_PER_NODE" -gt 0 ] && echo "$
 # shellcheck disable=SC2016
 node_script='
 set -euo pipefail
+# The CPUs of this step: srun --cpus-per-task sets SLURM_CPUS_PER_TASK here (else the whole node).
+cpus="${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-$(nproc)}}"
 if [ "${GPUS_PER_NODE:-0}" -gt 0 ]; then
   nproc="$GPUS_PER_NODE"
   # A hung collective (a dead peer) raises instead of blocking until the job time limit.
   export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
   export NCCL_ASYNC_ERROR_HANDLING="${NCCL_ASYNC_ERROR_HANDLING:-1}"
   export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
-  cpus="${SLURM_CPUS_ON_NODE:-$(nproc)}"
 else
   # CPU nodes: gloo (the trainer picks the backend from CUDA availability); threads split over ranks.
-  cpus="${SLURM_CPUS_ON_NODE:-$(nproc)}"
   nproc="${CPU_PROCS_PER_NODE:-$(( cpus < 2 ? cpus : 2 ))}"
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cpus / nproc > 0 ? cpus / nproc : 1 ))}"

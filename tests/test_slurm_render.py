@@ -159,6 +159,38 @@ def test_sbatch_headers():
     assert "--output=logs/%x-%j.out" in _sbatch_header("eval.sh")
 
 
+def test_train_requests_cpus_and_the_step_uses_them(tmp_path):
+    """#SBATCH --cpus-per-task: 8 ranks must not share the one CPU some clusters give a task by default.
+    The srun step asks for the job's --cpus-per-task (the srun of SLURM 22.05-23.02 does not inherit it) and the
+    ranks split that count, not the node's (an --exclusive job sees every CPU of the node)."""
+    header = _sbatch_header("train.sh")
+    gpus = int(next(h for h in header if h.startswith("--gpus-per-node=")).split("=")[1])
+    cpus = [int(h.split("=")[1]) for h in header if h.startswith("--cpus-per-task=")]
+    assert len(cpus) == 1 and cpus[0] >= 4 * gpus, header  # at least 4 CPUs per GPU rank
+    env = _env(tmp_path, SLURM_JOB_ID="5", SLURM_JOB_NODELIST="gpu[01-02]", SLURM_NNODES="2", SLURM_NODEID="0",
+               SLURM_GPUS_ON_NODE=str(gpus), SLURM_CPUS_PER_TASK=str(cpus[0]), SLURM_CPUS_ON_NODE="224")
+    nodes = _node_lines(_run("train.sh", ["configs/tiny-cpu.yaml"], env, tmp_path))
+    assert len(nodes) == 2
+    for node_env, argv in nodes:
+        assert _opt(argv, "--nproc_per_node") == str(gpus)
+        assert node_env["OMP_NUM_THREADS"] == str(cpus[0] // gpus), node_env
+    srun_opts = (tmp_path / "fake.log").read_text().split()
+    assert f"--cpus-per-task={cpus[0]}" in srun_opts, srun_opts
+    # sbatch --cpus-per-task=16 (a smaller node): the step and the ranks follow it.
+    (tmp_path / "fake.log").unlink()
+    env["SLURM_CPUS_PER_TASK"] = "16"
+    nodes = _node_lines(_run("train.sh", ["configs/tiny-cpu.yaml"], env, tmp_path))
+    assert {n["OMP_NUM_THREADS"] for n, _ in nodes} == {str(16 // gpus)}
+    assert "--cpus-per-task=16" in (tmp_path / "fake.log").read_text().split()
+    # launch.sh: CPUS_PER_TASK becomes the sbatch flag (it overrides the script's #SBATCH line).
+    launch_env = dict(_env(tmp_path, CPUS_PER_TASK="32"))
+    launch_env.pop("ONEGEN_DRY_RUN")
+    p = subprocess.run(["bash", str(ROOT / "slurm" / "launch.sh"), "train", "configs/x.yaml"], env=launch_env,
+                       cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "--cpus-per-task=32" in (tmp_path / "fake.log").read_text().splitlines()[-1].split()
+
+
 def test_prep_array_and_finish_commands(tmp_path):
     env = _env(tmp_path, SLURM_JOB_ID="9", SLURM_ARRAY_TASK_ID="6", SLURM_ARRAY_TASK_MIN="4", SLURM_ARRAY_TASK_COUNT="3",
                SLURM_CPUS_PER_TASK="4")
