@@ -1,18 +1,21 @@
 """A separate base text encoder (mean-pooled HF encoder, e.g. all-MiniLM-L6-v2).
 
 Used for dense hard-negative mining and by the evaluation's "pipeline" baseline retriever. Loads
-only from a local directory: nothing is ever downloaded.
+only from a local directory: nothing is ever downloaded. Runs on the GPU when there is one
+(``onegen.devices.default_device``) unless given a device.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from onegen.devices import default_device
 from onegen.errors import ConfigError
 from onegen.manifest import fingerprint_files
 
@@ -57,20 +60,49 @@ def encoder_fingerprint(path: str | Path) -> str:
     return fingerprint_files(path, files)
 
 
+def encoder_device(requested: str | None = None) -> str:
+    """The device an encoder runs on: ``requested``, else cuda when torch sees a GPU, else cpu."""
+    return str(requested) if requested else default_device()
+
+
+def _cuda_unusable_here() -> bool:
+    """True in a process forked after its parent initialised CUDA (data_prep's fork pool): CUDA
+    cannot be used there, so that process encodes on the CPU."""
+    import torch
+
+    return bool(getattr(torch.cuda, "_is_in_bad_fork", lambda: False)())
+
+
 class MeanPoolEncoder:
     """Mean-pool the last hidden states over real tokens, then L2-normalise (as sentence-transformers does)."""
 
-    def __init__(self, path: str | Path, max_length: int | None = None, device: str = "cpu") -> None:
-        from transformers import AutoModel, AutoTokenizer
+    def __init__(self, path: str | Path, max_length: int | None = None, device: str | None = None) -> None:
+        from transformers import AutoTokenizer
 
         self.path = Path(path)
         if not (self.path / "config.json").is_file():
             raise ConfigError(f"dense encoder {self.path}: no config.json there (expected a local HF model directory)")
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(self.path, local_files_only=True).to(device).eval()
-        self.device = device
+        self.device = encoder_device(device)
+        self.model = self._load(self.device)
+        self._cpu_copy: tuple[int, Any] | None = None  # (pid, model) of a forked worker, see _model_here
         self.max_length = max_length or self._default_max_length()
         self._fingerprint: str | None = None
+
+    def _load(self, device: str):
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(self.path, local_files_only=True).to(device).eval()
+
+    def _model_here(self) -> tuple[Any, str]:
+        """The model to run in this process and its device. A worker forked from a parent that put the
+        model on CUDA cannot use CUDA: it loads its own CPU copy, once (the vectors agree to float
+        tolerance; mining rounds scores to 1e-4). The parent's CUDA model is left alone there."""
+        if self.device.startswith("cpu") or not _cuda_unusable_here():
+            return self.model, self.device
+        if self._cpu_copy is None or self._cpu_copy[0] != os.getpid():
+            self._cpu_copy = (os.getpid(), self._load("cpu"))
+        return self._cpu_copy[1], "cpu"
 
     def _default_max_length(self) -> int:
         st_cfg = self.path / "sentence_bert_config.json"
@@ -94,6 +126,7 @@ class MeanPoolEncoder:
         """Embeddings of ``texts``, shape (len(texts), dim), float32, unit L2 norm."""
         import torch
 
+        model, device = self._model_here()
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         # Length-sorted batches waste less compute on padding; results go back in input order.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
@@ -106,8 +139,8 @@ class MeanPoolEncoder:
                     truncation=True,
                     max_length=self.max_length,
                     return_tensors="pt",
-                ).to(self.device)
-                hidden = self.model(**enc).last_hidden_state
+                ).to(device)
+                hidden = model(**enc).last_hidden_state
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 pooled = torch.nn.functional.normalize(pooled.float(), p=2, dim=-1)

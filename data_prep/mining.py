@@ -4,7 +4,8 @@ Sources, each tagged in ``Negative.source`` so the manifest and shards keep prov
 
 - ``bm25``: BM25 (``bm25s``) over title + text;
 - ``dense:<fp12>``: exact inner product (faiss ``IndexFlatIP``) over L2-normalised embeddings of a
-  base encoder (all-MiniLM-L6-v2 by default); ``fp12`` = first 12 hex digits of the encoder fingerprint;
+  base encoder (all-MiniLM-L6-v2 by default; on the GPU when there is one, forked workers encode
+  their queries on the CPU); ``fp12`` = first 12 hex digits of the encoder fingerprint;
 - ``given``: the question's own distractor paragraphs (HotpotQA/2Wiki), valid hard negatives.
 
 **Rank window.** ``rank_window = [start, end]``: 1-based ranks, *both ends inclusive*, counted in the

@@ -4,6 +4,7 @@ Modules (each one job; importing this package imports none of them, so ``metrics
 
 * ``metrics``        answer EM/F1, recall by doc id, entity-linking strong match (pure, stdlib only)
 * ``checks``         ``preflight(model_dir, data_dir)``: manifests, shard sizes, tokenizer match; no torch
+* ``precision``      ``resolve_precision(device, dtype, attn)``: the dtype + attention kernel a run uses
 * ``runtime``        ``load_runtime(model_dir, data)``: model + tokenizer + tagger, checked against the data
 * ``index``          ``build_index`` / ``open_index`` / ``DocIndex.search`` (faiss over ``[RD]``/``[SE]`` states)
 * ``kv``             ``KVSession``: a context decoded through the KV cache, forwards counted;
@@ -14,6 +15,7 @@ Modules (each one job; importing this package imports none of them, so ``metrics
 * ``linking``        ``link_row`` / ``run_linking`` / ``summarize_linking``
 * ``scoring``        ``summarize_rag``: EM/F1, Recall@k, hop Recall@1 of free generation, costs
 * ``teacher_forced`` ``teacher_forced_recall``: Recall@1 per hop from gold rows, against the index
+* ``tasks``          the RAG and EL passes of a run: generate, score, prediction records, headline metrics
 * ``run``            the ``index`` and ``run`` commands: files, metrics.json, plots, MLflow run
 * ``tracking``       MLflow for evaluation runs, linked to (nested under) their training run
 * ``compare``/``plots`` ``python -m evaluation compare``: the side-by-side table, PNG, CSV, markdown

@@ -19,6 +19,10 @@ Metrics: EM/F1 (HotpotQA normalisation); Recall@1 by gold doc id in free generat
 and teacher-forced (gold context; for pipelines the separate retriever with question + gold text
 before [RQ]); EL micro P/R/F1 (GERBIL strong match) + mention-detection F1; tokens/s, s/question.
 
+Precision: --dtype / --attn (default on CUDA: bf16 + flash-attn when installed, else fp32 + sdpa); the
+choice is printed, written in the index manifest and logged as MLflow params. faiss on several GPUs
+is sharded (each GPU holds 1/n of the index); --faiss-fp16 stores a flat index in fp16 there.
+
 MLflow: default store sqlite:///<RESULTS_DIR>/../mlflow.db (so runs/eval/mlflow.db with the default
 --out), or $MLFLOW_TRACKING_URI, or --tracking-uri URI; `--tracking-uri train` logs into the store of
 the checkpoint's training run so the eval run nests under it. Tags: onegen.stage=eval,
@@ -43,7 +47,23 @@ from pathlib import Path
 from onegen.errors import OneGenError
 
 METHOD_NAMES = ["onegen", "two-pass", "pipeline-bm25", "pipeline-minilm", "no-retrieval"]  # = run.METHODS
+# = "auto" + onegen.devices.DTYPES / ATTENTIONS (spelled out: `--help` does not import torch; a test checks)
+DTYPE_NAMES = ["auto", "fp32", "bf16", "fp16"]
+ATTN_NAMES = ["auto", "sdpa", "eager", "flash_attention_2"]
 DEFAULT_COMPARE_URI_DB = Path("runs") / "eval" / "mlflow.db"
+
+
+def _add_precision_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
+                   help="model dtype (default auto: bf16 on a CUDA GPU that supports it, else fp32; on CPU fp32)")
+    p.add_argument("--attn", choices=ATTN_NAMES, default="auto",
+                   help="attention kernel (default auto: flash_attention_2 on CUDA with bf16/fp16 when flash-attn is "
+                        "installed, else sdpa; flash_attention_2 needs bf16/fp16 and CUDA). The resolved dtype and "
+                        "attention are printed, written in the index manifest and logged as MLflow params; an index "
+                        "built in another precision is rebuilt, not reused")
+    p.add_argument("--faiss-fp16", action="store_true",
+                   help="GPU faiss: hold a flat index's vectors in fp16 on the GPUs (half the memory, scores to ~1e-3). "
+                        "On several GPUs the index is sharded (each holds 1/n of it) either way")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="flat: exact inner product (default); ivf / hnsw: approximate, for large pools")
     pi.add_argument("--batch-size", type=int, default=64, help="documents per forward")
     pi.add_argument("--device", help="cpu / cuda (default: cuda when available)")
+    _add_precision_args(pi)
     pi.add_argument("--force", action="store_true", help="rebuild even if a complete index is there")
     pi.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -91,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="questions (RAG) or texts (EL) decoded together, one batched forward per step (default "
                          "1; same outputs, more per second; s/question is then a throughput, not a latency)")
     pr.add_argument("--device", help="cpu / cuda (default: cuda when available)")
+    _add_precision_args(pr)
     pr.add_argument("--tracking-uri", help="MLflow tracking URI, or 'train' for the training run's store "
                                            "(default $MLFLOW_TRACKING_URI, else sqlite:///<RESULTS_DIR>/../mlflow.db)")
     pr.add_argument("--experiment", default="onegen", help="MLflow experiment (default onegen)")
@@ -112,12 +134,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_index(ns: argparse.Namespace) -> int:
+    from evaluation.index import IndexParams
+    from evaluation.precision import LEGACY
     from evaluation.run import ensure_index
 
     man, built = ensure_index(ns.model, ns.data, ns.out, kind=ns.kind, force=ns.force, device=ns.device,
-                              batch_size=ns.batch_size, progress=not ns.quiet)
+                              batch_size=ns.batch_size, progress=not ns.quiet, dtype=ns.dtype, attn=ns.attn,
+                              params=IndexParams(faiss_fp16=ns.faiss_fp16))
+    dtype, attn = (man.get(k, LEGACY[k]) for k in ("dtype", "attn"))
     print(f"{'built' if built else 'reused'} {ns.out}: {man['count']} documents, dim {man['dim']}, kind {man['kind']}, "
-          f"model {man['model_fingerprint'][:12]}")
+          f"model {man['model_fingerprint'][:12]}, {dtype} + {attn}")
     return 0
 
 
@@ -132,7 +158,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
                       index=Path(ns.index) if ns.index else None, out=Path(ns.out) if ns.out else None,
                       setting=ns.setting, max_examples=ns.max_examples, kind=ns.kind, max_new_tokens=ns.max_new_tokens,
                       max_hops=ns.max_hops, k=ns.k, force_retrieval_every=ns.force_retrieval_every,
-                      device=ns.device, batch_size=ns.batch_size, gen_batch_size=ns.gen_batch_size,
+                      device=ns.device, dtype=ns.dtype, attn=ns.attn, faiss_fp16=ns.faiss_fp16,
+                      batch_size=ns.batch_size, gen_batch_size=ns.gen_batch_size,
                       tracking=not ns.no_mlflow, tracking_uri=ns.tracking_uri, experiment=ns.experiment,
                       run_name=ns.run_name, progress=not ns.quiet)
     console.print(f"evaluation run: {ns.method} on {ns.data} with {ns.model} ({ns.setting})", markup=False)

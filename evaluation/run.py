@@ -7,7 +7,8 @@
     metrics.json        headline metrics (flat, MLflow names) + the detailed summaries
     plots/              recall_per_hop.png, top1_scores.png
     index/              the model's document index, when none was given and the method needs one
-    manifest.json       stage "eval": what was evaluated (model / data / index fingerprints)
+    manifest.json       stage "eval": what was evaluated (model / data / index fingerprints) and how
+                        (dtype, attention kernel and why, device)
 
 Headline metrics (design §6): ``em``, ``f1``; ``recall_at_1_free`` = hop-aligned Recall@1 observed
 in free generation (hop i's top-1 is hop i's gold doc id; a hop never reached is a miss), per hop
@@ -26,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,8 +44,11 @@ INDEX_METHODS = ("onegen", "two-pass")
 # --------------------------------------------------------------------------------------------
 
 
-def existing_index_ok(out_dir: Path, model_fp: str, data_fp: str, kind: str | None) -> tuple[bool, str]:
-    """Whether ``out_dir`` already holds a complete index of this model + data (+ kind); and why not."""
+def existing_index_ok(out_dir: Path, model_fp: str, data_fp: str, kind: str | None,
+                      precision: dict | None = None) -> tuple[bool, str]:
+    """Whether ``out_dir`` already holds a complete index of this model + data (+ kind, + the dtype and
+    attention of ``precision``, a ``Precision.record()``); and why not."""
+    from evaluation.precision import LEGACY
     from onegen.manifest import read_manifest
 
     if not (out_dir / "manifest.json").is_file():
@@ -59,6 +63,10 @@ def existing_index_ok(out_dir: Path, model_fp: str, data_fp: str, kind: str | No
         return False, f"it was built from other data ({str(man.get('prepared_fingerprint'))[:12]})"
     if kind is not None and man.get("kind") != kind:
         return False, f"it is a {man.get('kind')!r} index, {kind!r} was asked for"
+    for key in ("dtype", "attn"):  # bf16 vectors are not fp32's: the same model in another precision
+        built = man.get(key, LEGACY[key])
+        if precision is not None and built != precision[key]:
+            return False, f"it was built with {key} {built}, this run uses {precision[key]}"
     from evaluation.index import DOC_IDS, EMBEDDINGS, FAISS_FILE
 
     missing = [f for f in (EMBEDDINGS, DOC_IDS, FAISS_FILE) if not (out_dir / f).is_file()]
@@ -69,26 +77,38 @@ def existing_index_ok(out_dir: Path, model_fp: str, data_fp: str, kind: str | No
 
 def ensure_index(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path, *, kind: str = "flat",
                  force: bool = False, runtime=None, device: str | None = None, batch_size: int = 64,
-                 progress: bool = True, log: Callable[[str], None] = print) -> tuple[dict, bool]:
-    """Build the index unless a complete one of the same model + data + kind is there; ``(manifest, built)``."""
+                 progress: bool = True, log: Callable[[str], None] = print, dtype: str = "auto", attn: str = "auto",
+                 params=None) -> tuple[dict, bool]:
+    """Build the index unless a complete one of the same model + data + kind + dtype + attention is
+    there; ``(manifest, built)``. ``runtime``: a loaded runtime to encode with (its precision counts);
+    ``params``: ``evaluation.index.IndexParams``."""
     from evaluation.checks import preflight
+    from evaluation.precision import resolve_precision
     from onegen.manifest import read_manifest
 
     out_dir = Path(out_dir)
-    # Manifests, shard sizes and tokenizer fingerprints: no torch import, so a cheap rerun is cheap and
-    # a wrong input is refused at once.
+    # Manifests, shard sizes and tokenizer fingerprints, and the dtype/attention choice (torch, no model):
+    # a cheap rerun is cheap, and a wrong input or an impossible choice is refused at once.
     mman, _, dman = preflight(model_dir, data_dir)
+    prec = runtime.precision_record() if runtime is not None else resolve_precision(device, dtype, attn).record()
+    if runtime is None:  # (a run with its runtime has said it already)
+        log(f"precision: {prec['dtype']}, attention {prec['attn']} ({prec['attn_reason']}), on {prec['device']}")
     model_fp, data_fp = mman["fingerprint"], dman["fingerprint"]
-    ok, why = existing_index_ok(out_dir, model_fp, data_fp, kind)
+    ok, why = existing_index_ok(out_dir, model_fp, data_fp, kind, prec)
     if ok and not force:
-        log(f"index {out_dir}: complete for this checkpoint and data, reused (--force rebuilds it)")
-        return read_manifest(out_dir, expect_stage="index"), False
+        log(f"index {out_dir}: complete for this checkpoint, data and precision, reused (--force rebuilds it)")
+        man = read_manifest(out_dir, expect_stage="index")
+        half = bool(man.get("faiss_gpu", {}).get("fp16", False))
+        if params is not None and params.faiss_fp16 != half:  # not a build input: the saved index is exact fp32
+            log(f"index {out_dir}: GPU fp16 storage is chosen when the index is searched (`run --faiss-fp16`); "
+                f"the saved index is exact fp32 and its recorded default stays {'fp16' if half else 'fp32'}")
+        return man, False
     if out_dir.exists() and not ok:
         log(f"index {out_dir}: rebuilding, {why}")
     from evaluation.index import build_index
 
     man = build_index(model_dir, data_dir, out_dir, kind=kind, runtime=runtime, device=device,  # type: ignore[arg-type]
-                      batch_size=batch_size, progress=progress)
+                      batch_size=batch_size, progress=progress, dtype=dtype, attn=attn, params=params)
     log(f"index {out_dir}: {man['count']} vectors x {man['dim']} ({kind}) in {man['build_seconds']:.1f}s")
     return man, True
 
@@ -113,6 +133,9 @@ class EvalRequest:
     k: int = 5
     force_retrieval_every: int | None = None
     device: str | None = None
+    dtype: str = "auto"  # auto / fp32 / bf16 / fp16 (auto: bf16 on a bf16-capable GPU, else fp32)
+    attn: str = "auto"  # auto / sdpa / eager / flash_attention_2 (auto: flash-attn on CUDA when installed)
+    faiss_fp16: bool = False  # GPU faiss: vectors held in fp16 on the GPUs (flat)
     batch_size: int = 32
     gen_batch_size: int = 1
     tracking: bool = True
@@ -172,144 +195,56 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
 
 
-def pipeline_teacher_forced(rt, retriever, *, setting: str, max_rows: int | None = None,
-                            progress: bool = True) -> dict[str, Any]:
-    """Teacher-forced Recall@1 of a separate retriever: for each gold ``[RQ]`` of each gold row, the
-    query is the question + the gold text *generated* before it (GEN tokens only: inserted
-    paragraphs and special tokens left out — exactly what the pipeline sees in free generation);
-    hop j is a hit iff the top-1 is the row's ``positives[j]``."""
-    from tqdm.auto import tqdm
-
-    from evaluation.retrievers import DenseRetriever, RetrievalStep
-    from onegen.roles import GEN
-
-    n = len(rt.data) if max_rows is None else min(max_rows, len(rt.data))
-    steps: list[tuple[RetrievalStep, str, int]] = []
-    for s in range(0, n, 256):
-        for r in rt.data.query_rows(list(range(s, min(n, s + 256)))):
-            ids, roles, p0 = list(r["input_ids"]), list(r["roles"]), int(r["prompt_len"])
-            cands = list(r["candidates"]) if setting == "distractor" and r.get("candidates") else None
-            for j, (pos, gold) in enumerate(zip(r["ret_positions"], r["positives"])):
-                own = [ids[t] for t in range(p0, int(pos)) if roles[t] == GEN]
-                text = rt.tokenizer.decode(own, skip_special_tokens=True)
-                steps.append((RetrievalStep(question=r["question"], generated_text=text, k=1, candidates=cands, hop=j),
-                              str(gold), j))
-    hits: dict[int, int] = {}
-    total: dict[int, int] = {}
-    if isinstance(retriever, DenseRetriever) and steps:  # one batched encoder pass instead of one per hop
-        q = retriever.encoder.encode([st.pipeline_query() for st, _, _ in steps])
-        restrict = [st.candidates for st, _, _ in steps]
-        tops = retriever.index.search(q, 1, restrict if any(c is not None for c in restrict) else None)
-    else:
-        tops = [retriever.retrieve(st) for st, _, _ in tqdm(steps, desc="teacher-forced recall", unit="hop",
-                                                             disable=not progress)]
-    for (st, gold, j), top in zip(steps, tops):
-        total[j] = total.get(j, 0) + 1
-        hits[j] = hits.get(j, 0) + int(bool(top) and top[0][0] == gold)
-    out: dict[str, Any] = {"recall@1": sum(hits.values()) / max(sum(total.values()), 1), "n": sum(total.values()),
-                           "setting": setting, "query": "question + gold generated text before [RQ]"}
-    for j in sorted(total):
-        out[f"recall@1/hop{j + 1}"] = hits[j] / total[j]
-        out[f"n/hop{j + 1}"] = total[j]
-    return out
-
-
-def _free_hop_recall(results) -> dict[str, float]:
-    """Hop-aligned Recall@1 of free generation, per hop index (1-based)."""
-    hits: dict[int, int] = {}
-    total: dict[int, int] = {}
-    for r in results:
-        for j, gold in enumerate(r.gold_hops):
-            total[j] = total.get(j, 0) + 1
-            top = r.hops[j].retrieved[:1] if j < len(r.hops) else []
-            hits[j] = hits.get(j, 0) + int(bool(top) and top[0][0] == gold)
-    return {f"hop{j + 1}": hits[j] / total[j] for j in sorted(total)}
-
-
-def _rag_records(results, k: int) -> list[dict]:
-    from evaluation.scoring import question_scores
-
-    out = []
-    for r in results:
-        d = r.to_dict()
-        d["generated_text"] = d.pop("output_text")
-        sc = question_scores(r, k)
-        d["scores"] = {key: sc[key] for key in ("em", "f1", "hop_recall_at_1", "recall@1", f"recall@{k}") if key in sc}
-        out.append(d)
-    return out
-
-
-def _el_records(results) -> list[dict]:
-    from evaluation.metrics import el_scores
-
-    out = []
-    for r in results:
-        d = r.to_dict()
-        d["generated_text"] = d.pop("output_text")
-        d["question"] = r.text
-        s = el_scores([r.predictions], [r.gold])
-        d["scores"] = {"el_f1": s["f1"], "el_md_f1": s["md_f1"]}
-        out.append(d)
-    return out
-
-
-def _scores_for_hist(pairs) -> tuple[list[float], list[float]]:
-    """``pairs`` of (ranked hits, gold id or None) -> top-1 scores of hits and of misses."""
-    hit, miss = [], []
-    for ranked, gold in pairs:
-        if not ranked or gold is None:
-            continue
-        (hit if ranked[0][0] == gold else miss).append(float(ranked[0][1]))
-    return hit, miss
-
-
-def run_eval(req: EvalRequest, log: Callable[[str], None] = print) -> EvalOutcome:
-    """Evaluate one checkpoint with one method on one prepared dataset (see the module docstring)."""
-    from evaluation.checks import preflight
-    from evaluation.tracking import (EVAL_STAGE, TAG_DATASET, TAG_METHOD, TAG_MODE, TAG_MODEL, TAG_STAGE, TAG_TASK,
-                                     TAG_TRAIN_STORE, EvalTracker, resolve_tracking_uri, train_link)
-    from onegen.manifest import read_manifest
-
-    if req.method not in METHODS:
-        raise ConfigError(f"--method {req.method!r}: choose one of {list(METHODS)}")
-    if req.setting not in ("distractor", "open"):
-        raise ConfigError(f"--setting {req.setting!r}: choose distractor or open")
-    for flag, value in (("--max-examples", req.max_examples), ("--gen-batch-size", req.gen_batch_size)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag} must be >= 1, got {value}")
-    model_dir, data_dir = Path(req.model), Path(req.data)
-    # Everything that can be refused without loading the model is refused here, in about a second.
-    mman, ocfg, dman = preflight(model_dir, data_dir)
-    task = dman["task"]
+def _check_request(req: EvalRequest, task: str | None = None, data_dir: Path | None = None) -> None:
+    """Refuse a request that cannot run: its values, then (given the dataset's task) the method."""
+    if task is None:
+        if req.method not in METHODS:
+            raise ConfigError(f"--method {req.method!r}: choose one of {list(METHODS)}")
+        if req.setting not in ("distractor", "open"):
+            raise ConfigError(f"--setting {req.setting!r}: choose distractor or open")
+        for flag, value in (("--max-examples", req.max_examples), ("--gen-batch-size", req.gen_batch_size)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag} must be >= 1, got {value}")
+        return
     if task == "el" and req.method != "onegen":
         raise ConfigError(
             f"{data_dir} is an entity-linking dataset: it is evaluated with the model's own [LK] states against its "
             f"[SE] entity index, i.e. --method onegen only ({req.method!r} is a RAG baseline and has no meaning here)")
     if task not in ("rag", "el"):
         raise ConfigError(f"{data_dir}: unknown task {task!r} in its manifest")
-    needs_index = req.method in INDEX_METHODS or task == "el"
-    if task == "el" and req.setting != "open":
-        req.setting = "open"  # EL rows have no candidate lists: each [LK] searches the whole entity index
-    index_dir = Path(req.index) if req.index is not None else None
-    if index_dir is not None:
-        from evaluation.index import open_index
 
-        open_index(index_dir, model_dir)  # refuses an index of another checkpoint, or an incomplete one
-        iman = read_manifest(index_dir, expect_stage="index")
-        if iman.get("prepared_fingerprint") != dman["fingerprint"]:
-            raise ManifestMismatch(
-                f"index {index_dir} was built from {iman.get('prepared_dir')} ({str(iman.get('prepared_fingerprint'))[:12]}), "
-                f"not from {data_dir} ({dman['fingerprint'][:12]}): its doc ids are not this dataset's documents; "
-                f"omit --index to build the right one, or run `python -m evaluation index --model {model_dir} "
-                f"--data {data_dir} --out DIR`")
-    out = Path(req.out) if req.out is not None else default_out(req)
-    out.mkdir(parents=True, exist_ok=True)
-    dataset = data_dir.resolve().name
-    mlabel = model_label(model_dir)
-    mode = ocfg.get("mode") or mman.get("mode") or "?"
+
+def _check_given_index(index_dir: Path, model_dir: Path, data_dir: Path, dman: dict, prec: dict, log) -> None:
+    """Refuse an index of another checkpoint or dataset (or an incomplete one); say so when it was
+    built in another precision than this run's (it is used: the user chose it)."""
+    from evaluation.index import open_index
+    from evaluation.precision import LEGACY
+    from onegen.manifest import read_manifest
+
+    open_index(index_dir, model_dir, use_gpu=False)
+    iman = read_manifest(index_dir, expect_stage="index")
+    if iman.get("prepared_fingerprint") != dman["fingerprint"]:
+        raise ManifestMismatch(
+            f"index {index_dir} was built from {iman.get('prepared_dir')} ({str(iman.get('prepared_fingerprint'))[:12]}), "
+            f"not from {data_dir} ({dman['fingerprint'][:12]}): its doc ids are not this dataset's documents; "
+            f"omit --index to build the right one, or run `python -m evaluation index --model {model_dir} "
+            f"--data {data_dir} --out DIR`")
+    built = {k: iman.get(k, LEGACY[k]) for k in ("dtype", "attn")}
+    if built != {k: prec[k] for k in built}:
+        log(f"warning: index {index_dir} was built with {built['dtype']} + {built['attn']}, this run uses "
+            f"{prec['dtype']} + {prec['attn']}: documents and queries are encoded in different precisions "
+            f"(omit --index, or rebuild it with --dtype {prec['dtype']} --attn {prec['attn']})")
+
+
+def _tracker(req: EvalRequest, out: Path, task: str, model_dir: Path, mode: str, log):
+    """The eval run's MLflow tracker (tags, nesting under the training run); and its store URI."""
+    from evaluation.tracking import (EVAL_STAGE, TAG_DATASET, TAG_METHOD, TAG_MODE, TAG_MODEL, TAG_STAGE, TAG_TASK,
+                                     TAG_TRAIN_STORE, EvalTracker, resolve_tracking_uri, train_link)
+
+    dataset, mlabel = Path(req.data).resolve().name, model_label(model_dir)
     train_run_id, train_store = train_link(model_dir)
     uri = resolve_tracking_uri(req.tracking_uri, out, model_dir) if req.tracking else None
-    tags = {TAG_STAGE: EVAL_STAGE, TAG_METHOD: req.method, TAG_DATASET: dataset, TAG_MODEL: mlabel, TAG_MODE: str(mode),
+    tags = {TAG_STAGE: EVAL_STAGE, TAG_METHOD: req.method, TAG_DATASET: dataset, TAG_MODEL: mlabel, TAG_MODE: mode,
             TAG_TASK: task, "onegen.setting": req.setting}
     if train_store:
         tags[TAG_TRAIN_STORE] = train_store
@@ -319,12 +254,39 @@ def run_eval(req: EvalRequest, log: Callable[[str], None] = print) -> EvalOutcom
         log(f"MLflow: run {tracker.run_id} in experiment {req.experiment!r} at {uri}"
             + (f" (nested under training run {train_run_id})" if tracker.nested else
                f" (training run {train_run_id} is in another store: linked by tag)" if train_run_id else ""))
+    return tracker, uri, train_run_id
+
+
+def run_eval(req: EvalRequest, log: Callable[[str], None] = print) -> EvalOutcome:
+    """Evaluate one checkpoint with one method on one prepared dataset (see the module docstring)."""
+    from evaluation.checks import preflight
+    from evaluation.precision import resolve_precision
+
+    _check_request(req)
+    model_dir, data_dir = Path(req.model), Path(req.data)
+    # Everything that can be refused without loading the model is refused here, in about a second.
+    mman, ocfg, dman = preflight(model_dir, data_dir)
+    task = dman["task"]
+    _check_request(req, task, data_dir)
+    prec = resolve_precision(req.device, req.dtype, req.attn).record()  # flash + fp32 is refused here
+    log(f"precision: {prec['dtype']}, attention {prec['attn']} ({prec['attn_reason']}), on {prec['device']}")
+    needs_index = req.method in INDEX_METHODS or task == "el"
+    if task == "el" and req.setting != "open":
+        req.setting = "open"  # EL rows have no candidate lists: each [LK] searches the whole entity index
+    index_dir = Path(req.index) if req.index is not None else None
+    if index_dir is not None:
+        _check_given_index(index_dir, model_dir, data_dir, dman, prec, log)
+    out = Path(req.out) if req.out is not None else default_out(req)
+    out.mkdir(parents=True, exist_ok=True)
+    mode = str(ocfg.get("mode") or mman.get("mode") or "?")
+    tracker, uri, train_run_id = _tracker(req, out, task, model_dir, mode, log)
     tracker.log_params({
         "method": req.method, "task": task, "setting": req.setting, "model": str(model_dir.resolve()),
         "model_fingerprint": mman["fingerprint"], "checkpoint_mode": mode, "checkpoint_step": ocfg.get("step", mman.get("step")),
         "model_source": mman.get("model_source"), "data": str(data_dir.resolve()), "data_fingerprint": dman["fingerprint"],
-        "dataset": dataset, "max_examples": req.max_examples, "train_run_id": train_run_id,
-        "tokenizer_fingerprint": mman.get("tokenizer_fingerprint"),
+        "dataset": data_dir.resolve().name, "max_examples": req.max_examples, "train_run_id": train_run_id,
+        "tokenizer_fingerprint": mman.get("tokenizer_fingerprint"), "dtype": prec["dtype"], "attn": prec["attn"],
+        "attn_reason": prec["attn_reason"], "faiss_fp16": req.faiss_fp16,
         **{f"extra.{k}": v for k, v in req.extra_params.items()},
     })
     try:
@@ -346,120 +308,68 @@ def run_eval(req: EvalRequest, log: Callable[[str], None] = print) -> EvalOutcom
                        tracker.nested)
 
 
-def _run(req: EvalRequest, out: Path, task: str, dman: dict, mman: dict, ocfg: dict, index_dir: Path | None,
-         needs_index: bool, tracker, log) -> dict:
-    from evaluation import plots
-    from evaluation.generate import GenerationConfig, run_questions
-    from evaluation.index import open_index
-    from evaluation.linking import LinkConfig, run_linking, summarize_linking
-    from evaluation.retrievers import build_retriever
+def _load(req: EvalRequest, out: Path, task: str, ocfg: dict, index_dir: Path | None, needs_index: bool,
+          log) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """The runtime, the prepared data and (when the method needs one) the opened index; run params."""
+    from evaluation.index import IndexParams, open_index
+    from evaluation.precision import LEGACY
     from evaluation.runtime import load_runtime
-    from evaluation.scoring import summarize_rag
-    from evaluation.teacher_forced import teacher_forced_recall
-    from onegen.manifest import fingerprint_files, write_manifest
     from pipeline.data import open_prepared
 
-    t_start = time.perf_counter()
     data = open_prepared(req.data)
-    rt = load_runtime(req.model, data, device=req.device)
-    log(f"loaded {req.model} ({ocfg.get('mode')}, step {ocfg.get('step')}) on {rt.device}; "
-        f"{len(data)} {task} rows in {req.data}")
+    rt = load_runtime(req.model, data, device=req.device, dtype=req.dtype, attn=req.attn)
+    log(f"loaded {req.model} ({ocfg.get('mode')}, step {ocfg.get('step')}) on {rt.device} in "
+        f"{rt.precision.describe()}; {len(data)} {task} rows in {req.data}")
     idx = None
-    index_man = None
     if needs_index:
         if index_dir is None:
             index_dir = out / "index"
-            ensure_index(req.model, req.data, index_dir, kind=req.kind, runtime=rt, progress=req.progress, log=log)
-        idx = open_index(index_dir, req.model)
-        index_man = idx.manifest
+            ensure_index(req.model, req.data, index_dir, kind=req.kind, runtime=rt, progress=req.progress, log=log,
+                         params=IndexParams(faiss_fp16=req.faiss_fp16))
+        idx = open_index(index_dir, req.model, fp16=req.faiss_fp16)
+    man = idx.manifest if idx is not None else {}
+    opened = idx is not None
+    params: dict[str, Any] = {"index": str(index_dir) if index_dir else None, "index_fingerprint": man.get("fingerprint"),
+                              "index_kind": man.get("kind"), "device": str(rt.device),
+                              "faiss_gpu": idx.gpu if opened else None,
+                              **{f"index_{k}": man.get(k, LEGACY[k]) if opened else None for k in ("dtype", "attn")}}
+    return rt, data, idx, params
+
+
+def _run(req: EvalRequest, out: Path, task: str, dman: dict, mman: dict, ocfg: dict, index_dir: Path | None,
+         needs_index: bool, tracker, log) -> dict:
+    from evaluation import plots
+    from evaluation.tasks import el_part, rag_part
+    from onegen.manifest import fingerprint_files, write_manifest
+
+    t_start = time.perf_counter()
+    rt, data, idx, params = _load(req, out, task, ocfg, index_dir, needs_index, log)
     n = len(data) if req.max_examples is None else min(req.max_examples, len(data))
-    indices = list(range(n))
-    params: dict[str, Any] = {"index": str(index_dir) if index_dir else None,
-                              "index_fingerprint": index_man.get("fingerprint") if index_man else None,
-                              "index_kind": index_man.get("kind") if index_man else None, "n_examples": n,
-                              "device": str(rt.device)}
-    files: dict[str, Path] = {}
-    plot_dir = out / "plots"
-    title = f"{req.method} on {Path(req.data).resolve().name} ({req.setting}, n={n})"
-    if task == "rag":
-        cfg = GenerationConfig(max_new_tokens=req.max_new_tokens or 64, max_hops=req.max_hops, k=req.k,
-                               setting=req.setting, force_retrieval_every=req.force_retrieval_every,  # type: ignore[arg-type]
-                               batch_size=req.gen_batch_size)
-        params.update({f"gen.{k}": v for k, v in asdict(cfg).items()})
-        retriever = build_retriever(METHODS[req.method], rt, idx)  # (pipelines index the docs here: not timed)
-        t0 = time.perf_counter()
-        results = run_questions(rt, retriever, cfg, indices, progress=req.progress)
-        gen_s = time.perf_counter() - t0
-        summary = summarize_rag(results, k=req.k)
-        free_hops = _free_hop_recall(results)
-        if req.method in INDEX_METHODS:
-            tf = teacher_forced_recall(rt, idx, setting=req.setting, max_rows=n, batch_size=req.batch_size,  # type: ignore[arg-type]
-                                       progress=req.progress)
-        elif req.method == "no-retrieval":
-            tf = None
-        else:
-            tf = pipeline_teacher_forced(rt, retriever, setting=req.setting, max_rows=n, progress=req.progress)
-        retrieving = req.method != "no-retrieval"
-        tokens = sum(r.n_generated for r in results)
-        head: dict[str, Any] = {
-            "em": summary.get("em"), "f1": summary.get("f1"),
-            "recall_at_1_free": summary.get("hop_recall_at_1") if retrieving else None,
-            "recall_at_1_any": summary.get("recall@1") if retrieving else None,
-            f"recall_at_{req.k}": summary.get(f"recall@{req.k}") if retrieving and req.k > 1 else None,
-            "recall_at_1_tf": tf["recall@1"] if tf else None,
-            "answer_found": summary.get("answer_found"), "mean_hops": summary.get("n_hops"),
-        }
-        if retrieving:
-            head.update({f"recall_at_1_free_{h}": v for h, v in free_hops.items()})
-        if tf:
-            head.update({f"recall_at_1_tf_{k.split('/')[1]}": v for k, v in tf.items() if k.startswith("recall@1/")})
-        records = _rag_records(results, req.k)
-        hist = _scores_for_hist((h.retrieved, r.gold_hops[j] if j < len(r.gold_hops) else None)
-                                for r in results for j, h in enumerate(r.hops))
-        free_plot = {h: free_hops.get(h) for h in free_hops} if retrieving else {}
-        tf_plot = {k.split("/")[1]: v for k, v in tf.items() if k.startswith("recall@1/")} if tf else {}
-        details = {"summary": summary, "teacher_forced": tf, "generation": asdict(cfg)}
-    else:
-        lcfg = LinkConfig(max_new_tokens=req.max_new_tokens, k=req.k, batch_size=req.gen_batch_size)
-        params.update({f"link.{k}": v for k, v in asdict(lcfg).items()})
-        t0 = time.perf_counter()
-        results = run_linking(rt, idx, lcfg, indices, progress=req.progress)  # type: ignore[arg-type]
-        gen_s = time.perf_counter() - t0
-        summary = summarize_linking(results)
-        tf = teacher_forced_recall(rt, idx, setting="open", max_rows=n, batch_size=req.batch_size,  # type: ignore[arg-type]
-                                   progress=req.progress)
-        tokens = sum(r.n_generated for r in results)
-        head = {"el_precision": summary["precision"], "el_recall": summary["recall"], "el_f1": summary["f1"],
-                "el_md_precision": summary["md_precision"], "el_md_recall": summary["md_recall"],
-                "el_md_f1": summary["md_f1"], "recall_at_1_free": summary.get("link_recall_at_1"),
-                "recall_at_1_tf": tf["recall@1"], "mean_links": summary.get("n_links"),
-                "unaligned": summary.get("unaligned")}
-        records = _el_records(results)
-        hist = _scores_for_hist((l.retrieved, r.gold_links[j] if j < len(r.gold_links) else None)
-                                for r in results for j, l in enumerate(r.links))
-        free_plot = {"link": summary.get("link_recall_at_1")}
-        tf_plot = {"link": tf["recall@1"]}
-        details = {"summary": summary, "teacher_forced": tf, "linking": asdict(lcfg)}
-    head.update({"tokens_per_s": tokens / gen_s if gen_s > 0 else None, "s_per_question": gen_s / max(len(results), 1),
-                 "n": len(results), "generated_tokens": tokens})
+    params["n_examples"] = n
+    part = rag_part(req, rt, idx, METHODS[req.method], n) if task == "rag" else el_part(req, rt, idx, n)
+    params.update(part.params)
+    head = part.head
+    head.update({"tokens_per_s": part.tokens / part.gen_s if part.gen_s > 0 else None,
+                 "s_per_question": part.gen_s / max(part.n_results, 1), "n": part.n_results,
+                 "generated_tokens": part.tokens})
     metrics = {"task": task, "method": req.method, "retriever": METHODS[req.method], "setting": req.setting,
                "dataset": Path(req.data).resolve().name, "model": str(Path(req.model).resolve()),
-               "checkpoint_mode": ocfg.get("mode"), "headline": head, **details,
-               "wall_s": {"generation": gen_s, "total": time.perf_counter() - t_start}}
-    files["predictions"] = out / "predictions.jsonl"
-    _write_jsonl(files["predictions"], records)
-    files["metrics"] = out / "metrics.json"
+               "checkpoint_mode": ocfg.get("mode"), "headline": head, **part.details,
+               "wall_s": {"generation": part.gen_s, "total": time.perf_counter() - t_start}}
+    files = {"predictions": out / "predictions.jsonl", "metrics": out / "metrics.json"}
+    _write_jsonl(files["predictions"], part.records)
     _write_json(files["metrics"], metrics)
-    p = plots.recall_per_hop(free_plot, tf_plot, plot_dir / "recall_per_hop.png", f"Recall@1 — {title}")
+    title = f"{req.method} on {Path(req.data).resolve().name} ({req.setting}, n={n})"
+    p = plots.recall_per_hop(part.free_plot, part.tf_plot, out / "plots" / "recall_per_hop.png", f"Recall@1 — {title}")
     if p:
         files["plot_recall"] = p
-    p = plots.score_histogram(*hist, plot_dir / "top1_scores.png", f"top-1 scores — {title}")
+    p = plots.score_histogram(*part.hist, out / "plots" / "top1_scores.png", f"top-1 scores — {title}")
     if p:
         files["plot_scores"] = p
     write_manifest(out, "eval", fingerprint=fingerprint_files(out, ["predictions.jsonl"]), task=task, method=req.method,
                    model_dir=str(Path(req.model).resolve()), model_fingerprint=mman["fingerprint"],
                    prepared_dir=str(Path(req.data).resolve()), prepared_fingerprint=dman["fingerprint"],
-                   index_fingerprint=params["index_fingerprint"], setting=req.setting, n=len(results),
-                   mlflow_run_id=tracker.run_id)
+                   index_fingerprint=params["index_fingerprint"], setting=req.setting, n=part.n_results,
+                   mlflow_run_id=tracker.run_id, **rt.precision_record())
     files["manifest"] = out / "manifest.json"
     return {"metrics": metrics, "files": files, "params": params}

@@ -21,16 +21,14 @@ import torch
 from data_prep.records import Document
 from data_prep.tagging import Tagger, TaggingConfig
 from evaluation.checks import check_data_for_model, model_manifest, onegen_config  # noqa: F401 (model_manifest re-exported)
+from evaluation.precision import Precision, dtype_name, resolve_precision
 from onegen.config import from_dict
+from onegen.devices import default_device  # noqa: F401 (re-exported: bench and older callers import it from here)
 from onegen.errors import ManifestMismatch
 from onegen.tokens import SpecialTokens
 from pipeline.data import PreparedData
 from pipeline.export import load_model
 from pipeline.forward import decoder_of
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def check_compatible(model_dir: str | Path, data: PreparedData) -> None:
@@ -90,6 +88,7 @@ class Runtime:
     docs: DocStore | None = None
     data: PreparedData | None = None
     ids: dict[str, int] = field(default_factory=dict)  # key ("rq", "lk", ...) -> token id
+    precision: Precision | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -112,6 +111,16 @@ class Runtime:
         pad = self.tokenizer.pad_token_id
         return int(pad if pad is not None else self.tokenizer.eos_token_id)
 
+    def precision_record(self) -> dict[str, str]:
+        """dtype / attention / device as the index manifest and MLflow record them (read off the model
+        when the runtime was built by hand, without :func:`load_runtime`)."""
+        if self.precision is not None:
+            return self.precision.record()
+        p = next(self.model.parameters())
+        attn = getattr(self.model.config, "_attn_implementation", None) or "sdpa"
+        return {"dtype": dtype_name(p.dtype), "attn": str(attn),
+                "attn_reason": "read off the loaded model", "device": str(p.device)}
+
     @property
     def max_positions(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
@@ -127,14 +136,20 @@ def row_groups(data: PreparedData, indices: Sequence[int], size: int) -> Iterato
 
 
 def load_runtime(model_dir: str | Path, data: PreparedData | None = None, *, device: str | None = None,
-                 dtype: torch.dtype = torch.float32) -> Runtime:
-    """Load an exported checkpoint (and check it against ``data`` when given)."""
+                 dtype: str | torch.dtype = "auto", attn: str = "auto") -> Runtime:
+    """Load an exported checkpoint (and check it against ``data`` when given).
+
+    ``dtype`` (auto/fp32/bf16/fp16) and ``attn`` (auto/sdpa/eager/flash_attention_2): see
+    :func:`resolve_precision`; on CPU ``auto`` is fp32 + sdpa.
+    """
     model_dir = Path(model_dir)
+    prec = resolve_precision(device, dtype, attn)  # refuses an impossible choice before any loading
     man = model_manifest(model_dir)
     ocfg = onegen_config(model_dir)
     if data is not None:
         check_compatible(model_dir, data)
-    model, tokenizer = load_model(model_dir, device=device or default_device(), dtype=dtype)
+    model, tokenizer = load_model(model_dir, device=prec.device, dtype=prec.dtype, attn_implementation=prec.attn)
     tagger = tagger_for(tokenizer, ocfg, data)
     ids = {k: tagger.tid(k) for k in SpecialTokens.KEYS}
-    return Runtime(model_dir, model, tokenizer, tagger, ocfg, man, DocStore(data) if data is not None else None, data, ids)
+    return Runtime(model_dir, model, tokenizer, tagger, ocfg, man, DocStore(data) if data is not None else None, data, ids,
+                   prec)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from onegen.errors import ConfigError
+
 
 def epoch_units(sizes: list[int], micro_batch: int, seed: int, epoch: int) -> list[tuple[int, list[int]]]:
     """``[(dataset index, row indices)]`` for one epoch; the last partial unit of a dataset is dropped."""
@@ -24,6 +26,12 @@ def epoch_units(sizes: list[int], micro_batch: int, seed: int, epoch: int) -> li
     return [units[i] for i in perm]
 
 
+def units_per_epoch(sizes: list[int], micro_batch: int, grad_accum: int, world_size: int) -> int:
+    """Micro-batches of one epoch that fill whole optimizer steps (0 when the data cannot fill one)."""
+    n_units = sum(n // micro_batch for n in sizes)
+    return n_units - n_units % (world_size * grad_accum)
+
+
 class BatchPlan:
     def __init__(self, sizes: list[int], micro_batch: int, grad_accum: int, world_size: int, seed: int):
         self.sizes, self.micro_batch, self.grad_accum = sizes, micro_batch, grad_accum
@@ -32,9 +40,10 @@ class BatchPlan:
         self._cache: dict[int, list] = {}
         n_units = sum(n // micro_batch for n in sizes)
         if n_units < self.per_step:
-            raise ValueError(f"the training data has {n_units} micro-batches of {micro_batch} rows, fewer than one "
-                             f"optimizer step needs ({world_size} ranks × {grad_accum} accumulation)")
-        self.units_per_epoch = n_units - n_units % self.per_step  # whole steps only
+            raise ConfigError(f"the training data has {n_units} micro-batches of {micro_batch} rows, fewer than one "
+                              f"optimizer step needs ({world_size} ranks × {grad_accum} accumulation): lower "
+                              f"optim.micro_batch_size or optim.grad_accum, or give more rows")
+        self.units_per_epoch = units_per_epoch(sizes, micro_batch, grad_accum, world_size)  # whole steps only
 
     def units(self, epoch: int) -> list:
         if epoch not in self._cache:

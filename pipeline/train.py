@@ -162,7 +162,7 @@ def _set_up(cfg: TrainConfig) -> Run:
     from pipeline.ds_config import fill_auto, load_ds_config, zero_stage
     from pipeline.loss import JointLossConfig
     from pipeline.model import build_model, choose_dtype, model_config, model_hidden_size
-    from pipeline.plan import BatchPlan
+    from pipeline.plan import BatchPlan, units_per_epoch
     from pipeline.wrapper import OneGenTrainModule
 
     rank, world, _ = setup_distributed()
@@ -176,12 +176,14 @@ def _set_up(cfg: TrainConfig) -> Run:
     for d in train_sets[1:] + eval_sets:
         check_tokenizer(d, tokenizer, f"the tokenizer of {train_sets[0].path}")
     tokens = SpecialTokens.from_dict(train_sets[0].manifest["config"]["tokens"])
-    plan = BatchPlan([len(d) for d in train_sets], cfg.optim.micro_batch_size, cfg.optim.grad_accum, world, cfg.seed)
+    sizes = [len(d) for d in train_sets]
+    ds_cfg = load_ds_config(cfg.deepspeed)
     if cfg.optim.epochs:
-        cfg.optim.max_steps = max(1, math.ceil(cfg.optim.epochs * plan.units_per_epoch / plan.per_step))
+        per_epoch = units_per_epoch(sizes, cfg.optim.micro_batch_size, cfg.optim.grad_accum, world)
+        cfg.optim.max_steps = max(1, math.ceil(cfg.optim.epochs * per_epoch / (world * cfg.optim.grad_accum)))
 
     dtype = choose_dtype(cfg.model.dtype)
-    ds_cfg = fill_auto(load_ds_config(cfg.deepspeed), micro_batch=cfg.optim.micro_batch_size,
+    ds_cfg = fill_auto(ds_cfg, micro_batch=cfg.optim.micro_batch_size,
                        grad_accum=cfg.optim.grad_accum, world_size=world, lr=cfg.optim.lr,
                        weight_decay=cfg.optim.weight_decay, warmup_steps=cfg.optim.warmup_steps,
                        total_steps=cfg.optim.max_steps, grad_clip=cfg.optim.grad_clip, bf16=dtype == torch.bfloat16,
@@ -198,6 +200,7 @@ def _set_up(cfg: TrainConfig) -> Run:
     engine, _, _, _ = deepspeed.initialize(model=wrapped, model_parameters=[p for p in wrapped.parameters() if p.requires_grad],
                                            config=ds_cfg)
     engine.onegen_hf_ds_config = hf_ds
+    plan = BatchPlan(sizes, cfg.optim.micro_batch_size, cfg.optim.grad_accum, world, cfg.seed)
     collators = [OneGenCollator(d.doc_rows, tokenizer.pad_token_id,
                                 CollatorConfig(mode=cfg.loss.mode, num_negatives=cfg.loss.num_negatives, seed=cfg.seed))
                  for d in train_sets]
