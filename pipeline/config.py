@@ -25,6 +25,7 @@ class ModelConfig:
     attn_implementation: str = field(default="auto", metadata={"help": "auto (flash_attention_2 with CUDA + flash-attn, else sdpa), sdpa, eager, flash_attention_2"})
     dtype: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={"help": "auto: bf16 on a GPU that supports it, else fp32 (flash-attn needs bf16)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
+    train_layers: int = field(default=0, metadata={"help": "train only the top N transformer blocks, the final norm and the LM head (with tied embeddings, the embedding through it); nothing below block L-N records a graph, so backward costs N/L of a full one (0: train everything)"})
 
 
 @dataclass
@@ -77,6 +78,8 @@ class TrainConfig:
     export: bool = field(default=True, metadata={"help": "export an HF-loadable model at the end"})
 
     def __post_init__(self) -> None:
+        if self.model.train_layers < 0:
+            raise FieldError("model.train_layers", f"expected >= 0 (0: every layer), got {self.model.train_layers}")
         if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
             raise FieldError("optim.betas", f"expected two numbers in [0, 1), got {self.optim.betas}")
         if self.optim.epochs < 0:

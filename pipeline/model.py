@@ -150,6 +150,8 @@ def build_model(cfg: ModelConfig, tokenizer: Any, *, seed: int, init_new_tokens:
         if init_new_tokens is not None:
             # "new" by the tokenizer, not the matrix: Qwen2's padded matrix already has rows for them
             init_special_rows(model, tokenizer, init_new_tokens, base_vocab_size(tokenizer, init_new_tokens))
+    if cfg.train_layers:
+        freeze_below(model, cfg.train_layers)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -159,6 +161,33 @@ def build_model(cfg: ModelConfig, tokenizer: Any, *, seed: int, init_new_tokens:
     model.onegen_attention = attn
     model.onegen_attention_why = why
     return model
+
+
+def freeze_below(model: torch.nn.Module, train_layers: int) -> int:
+    """Train only the top ``train_layers`` decoder blocks, the final norm and the LM head.
+
+    The input embeddings' output is detached, so no autograd graph is recorded below the first
+    trained block: backward (activation and weight gradients alike) runs through ``train_layers`` of
+    the L blocks only. With tied embeddings the matrix still trains through its use as the LM head
+    (the new tokens' rows included); untied, the input embedding is frozen. Returns the number of
+    frozen blocks.
+    """
+    from pipeline.forward import decoder_of
+
+    layers = getattr(decoder_of(model), "layers", None)
+    if layers is None:
+        raise ConfigError(f"model.train_layers: {type(model).__name__} has no decoder .layers to freeze")
+    frozen = max(0, len(layers) - train_layers)
+    if frozen == 0:
+        return 0
+    for layer in layers[:frozen]:
+        layer.requires_grad_(False)
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    if head is None or head.weight is not emb.weight:
+        emb.requires_grad_(False)
+    emb.register_forward_hook(lambda module, args, out: out.detach())
+    return frozen
 
 
 def _gathered(params: list[torch.nn.Parameter]):
