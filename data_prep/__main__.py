@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from onegen.environment import allow_network, apply_offline_defaults
 from onegen.errors import OneGenError
 
 
@@ -78,6 +79,8 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
     cfg = load_config(PrepConfig, ns.config, _flag_overrides(ns) + list(ns.overrides))
     if ns.only_shards and ns.finish_only:
         raise ConfigError("--only-shards and --finish-only are separate steps: give one of them")
+    if cfg.allow_network:  # e.g. `allow_network: true` in the recipe; nothing has imported huggingface_hub yet
+        allow_network()
     prepare(cfg, only_shards=parse_only_shards(ns.only_shards) if ns.only_shards else None, finish_only=ns.finish_only)
     return 0
 
@@ -113,17 +116,20 @@ def cmd_world(ns: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Before anything imports huggingface_hub/torch (they read these once); --allow-network keeps the hub.
+    apply_offline_defaults(network="--allow-network" in argv or "allow_network=true" in argv)
     parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     sub = parser.add_subparsers(dest="cmd", required=True)
     _prepare_args(sub.add_parser("prepare", help="prepare one benchmark file", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter))
-    pi = sub.add_parser("inspect", help="show prepared rows with roles and negatives")
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False))
+    pi = sub.add_parser("inspect", help="show prepared rows with roles and negatives", allow_abbrev=False)
     pi.add_argument("dir")
     pi.add_argument("-n", type=int, default=3, help="how many query rows")
     pi.add_argument("--start", type=int, default=0)
-    sub.add_parser("synthetic", help="write the synthetic world's raw files (see: synthetic --help)", add_help=False)
-    pw = sub.add_parser("world", help="generate the synthetic world and prepare its four splits")
+    sub.add_parser("synthetic", help="write the synthetic world's raw files (see: synthetic --help)", add_help=False,
+                   allow_abbrev=False)
+    pw = sub.add_parser("world", help="generate the synthetic world and prepare its four splits", allow_abbrev=False)
     pw.add_argument("--out", required=True)
     pw.add_argument("--num-proc", type=int, default=1)
     pw.add_argument("--train-questions", type=int)

@@ -7,6 +7,7 @@ Output layout (design §2)::
     OUT/tokenizer/           the tokenizer with the OneGen special tokens
     OUT/docs/shard-*.arrow   doc_id, title, text, input_ids (int32), roles (int8)
     OUT/queries/shard-*.arrow + shard-*.quarantine.jsonl (rows that could not be built, with reasons)
+    OUT/*/shard-*.cut.json   rows / documents of the shard shortened to fit (data_prep.truncation)
     OUT/quarantine.jsonl     every record that was skipped, one reason per line (--on-error skip)
 
 Each shard is a pure function of (inputs, config, shard index); shards are written atomically and a
@@ -15,9 +16,7 @@ rerun skips the finished ones, so a killed run resumes and ends with the same by
 
 from __future__ import annotations
 
-import functools
 import json
-import multiprocessing as mp
 import os
 import shutil
 import socket
@@ -26,14 +25,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tqdm import tqdm
-
 from data_prep.mining import MiningConfig
+from data_prep.readers.jsonio import check_input_file
 from data_prep.records import NIL_ID, Dataset, Document, LinkingExample, MultiHopExample
 from data_prep.schema import DOCS_SCHEMA, QUERIES_SCHEMA
 from data_prep.shards import list_shards, remove_stale_temporaries, shard_path, write_shard
 from data_prep.tagging import Tagger, TaggingConfig, TooLong, split_long_text
-from data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
+from data_prep.tokenizer import describe_source, load_tokenizer, tokenizer_fingerprint
+from data_prep.truncation import count_cuts, describe_cuts, write_cut_count
+from data_prep.workers import run_shards
 from onegen.errors import ConfigError, InputError
 from onegen.manifest import MANIFEST_NAME, atomic_write_bytes, atomic_write_json, fingerprint_files, sha256_file, sha256_json, write_manifest
 from onegen.roles import check_row_invariants, ret_positions
@@ -141,8 +141,7 @@ def input_fingerprints(cfg: PrepConfig) -> list[dict]:
     for key in ("input", "kb", "db", "aliases", "corpus"):
         p = getattr(cfg, key)
         if p:
-            if not Path(p).is_file():
-                raise InputError(p, None, None, "file not found")
+            check_input_file(p, f"--{key}")  # missing, or a directory (with the JSON files inside it)
             out.append({"role": key, "path": str(p), "sha256": sha256_file(p)})
     return out
 
@@ -223,7 +222,7 @@ def _build_query_shard(index: int) -> dict:
     s = _STATE
     cfg: PrepConfig = s["cfg"]
     examples = s["examples"][index * cfg.shard_size:(index + 1) * cfg.shard_size]
-    rows, quarantine, all_queries, spans = [], [], [], []
+    rows, quarantine, all_queries, spans, cut0 = [], [], [], [], s["tagger"].cut_rows
     for ex in examples:
         try:
             row, positives = query_row(s["tagger"], ex, s["task"], s["docs"])
@@ -251,6 +250,7 @@ def _build_query_shard(index: int) -> dict:
     qpath = out_dir / f"shard-{index:05d}.quarantine.jsonl"
     # The sidecar first, the shard last: a shard that exists always has its sidecar.
     atomic_write_bytes(qpath, "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in quarantine).encode())
+    write_cut_count(out_dir, index, s["tagger"].cut_rows - cut0)
     write_shard(shard_path(out_dir, index), rows, QUERIES_SCHEMA)
     return {"index": index, "rows": len(rows), "quarantined": len(quarantine)}
 
@@ -258,51 +258,11 @@ def _build_query_shard(index: int) -> dict:
 def _build_doc_shard(index: int) -> dict:
     s = _STATE
     cfg: PrepConfig = s["cfg"]
-    docs = s["doc_list"][index * cfg.doc_shard_size:(index + 1) * cfg.doc_shard_size]
+    docs, cut0 = s["doc_list"][index * cfg.doc_shard_size:(index + 1) * cfg.doc_shard_size], s["tagger"].cut_docs
     rows = document_rows(s["tagger"], docs, s["task"])
+    write_cut_count(Path(cfg.out) / "docs", index, s["tagger"].cut_docs - cut0)  # before the shard, as its sidecar
     write_shard(shard_path(Path(cfg.out) / "docs", index), rows, DOCS_SCHEMA)
     return {"index": index, "rows": len(rows)}
-
-
-def _worker_init() -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:
-        pass
-
-
-def _run_shards(fn, todo: list[int], num_proc: int, desc: str) -> list[dict]:
-    results = []
-    if not todo:
-        return results
-    # Closed before an error propagates, so the CLI's `error: ...` line is the last thing on stderr.
-    with tqdm(total=len(todo), desc=desc, unit="shard", disable=len(todo) < 2) as bar:
-        if num_proc <= 1:
-            for i in todo:
-                results.append(fn(i))
-                bar.update()
-        else:
-            # A worker's error comes back as a value and is raised once every task has finished:
-            # an exception raised through imap while workers were still busy made the pool's
-            # teardown hang now and then (seen in CI).
-            errors = []
-            with mp.get_context("fork").Pool(num_proc, initializer=_worker_init) as pool:
-                for ok, r in pool.imap_unordered(functools.partial(_call_safely, fn), todo):
-                    (results if ok else errors).append(r)
-                    bar.update()
-            if errors:
-                raise errors[0]
-    return results
-
-
-def _call_safely(fn, i: int) -> tuple[bool, Any]:
-    try:
-        return True, fn(i)
-    except Exception as e:  # noqa: BLE001 - handed to the parent, which raises it
-        return False, e
 
 
 # ---- the stage --------------------------------------------------------------------------------
@@ -329,7 +289,7 @@ def _check_or_record_config(cfg: PrepConfig, out: Path) -> None:
         atomic_write_json(path, {"content": want, "config": asdict(cfg), "inputs": inputs})
 
 
-def _tokenizer(cfg: PrepConfig, ds: Dataset, out: Path, shared: bool = False):
+def _tokenizer(cfg: PrepConfig, ds: Dataset, out: Path, shared: bool = False, log=print):
     """``shared``: other job-array tasks may be creating ``out/tokenizer`` at the same time."""
     tok_dir = out / "tokenizer"
     if (tok_dir / "tokenizer_config.json").exists():  # a rerun: exactly the tokenizer of the shards written so far
@@ -339,6 +299,10 @@ def _tokenizer(cfg: PrepConfig, ds: Dataset, out: Path, shared: bool = False):
         if cfg.tokenizer.startswith("bpe:"):
             texts = corpus_texts(ds)
         tokenizer = load_tokenizer(cfg.tokenizer, texts=texts, allow_network=cfg.allow_network)
+        if texts is not None:
+            log(f"[prep] tokenizer: trained a byte-level BPE of {len(tokenizer)} tokens on this data "
+                f"(tokenizer={cfg.tokenizer}, the default without --tokenizer); a pretrained model needs data "
+                f"tokenised with its own tokenizer: --tokenizer <model dir> or smollm2")
     token_ids = add_special_tokens(tokenizer, cfg.tokens)
     tmp = out / (".tokenizer.tmp" if not shared else f".tokenizer.tmp-{socket.gethostname()}-{os.getpid()}")
     if not tok_dir.exists():
@@ -414,7 +378,7 @@ def prepare(cfg: PrepConfig, *, log=print, only_shards: tuple[int, int] | None =
                 json.dumps(q.as_quarantine(), ensure_ascii=False, sort_keys=True) + "\n" for q in policy.quarantined).encode())
         raise ConfigError("no usable example in the input" + (f" ({policy.count} quarantined, see quarantine.jsonl)" if policy.count else ""))
 
-    tokenizer, token_ids = _tokenizer(cfg, ds, out, shared=only_shards is not None)
+    tokenizer, token_ids = _tokenizer(cfg, ds, out, shared=only_shards is not None, log=log)
     n_doc_shards = max(1, -(-len(ds.documents) // cfg.doc_shard_size))
     n_query_shards = max(1, -(-len(ds.examples) // cfg.shard_size))
     if finish_only:
@@ -439,8 +403,8 @@ def prepare(cfg: PrepConfig, *, log=print, only_shards: tuple[int, int] | None =
         log(f"[prep] resuming: {own_q - len(todo_q)}/{own_q} query shards and "
             f"{own_docs - len(todo_docs)}/{own_docs} doc shards already finished")
     try:
-        _run_shards(_build_doc_shard, todo_docs, cfg.num_proc, "doc shards")
-        _run_shards(_build_query_shard, todo_q, cfg.num_proc, "query shards")
+        run_shards(_build_doc_shard, todo_docs, cfg.num_proc, "doc shards")
+        run_shards(_build_query_shard, todo_q, cfg.num_proc, "query shards")
     finally:
         _STATE.clear()
 
@@ -511,16 +475,20 @@ def finish(cfg: PrepConfig, out: Path, ds: Dataset, tokenizer, policy, t0: float
     fingerprint = sha256_json({"shards": {k: [(e["name"], e["sha256"]) for e in v] for k, v in shards.items()},
                                "tokenizer": tok_fp, "config": content_config(cfg)})
     size = sum(e["bytes"] for v in shards.values() for e in v)
+    truncated = count_cuts(out, cfg.tagging.max_length, cfg.tagging.max_doc_length)
     manifest = write_manifest(
         out, "data_prep", fingerprint=fingerprint, task=ds.task, kind=cfg.kind,
         config=asdict(cfg), inputs=input_fingerprints(cfg) if not cfg.from_hub else [{"hub": cfg.from_hub, "split": cfg.split}],
         tokenizer={"source": cfg.tokenizer, "fingerprint": tok_fp, "vocab_size": len(tokenizer),
                    "special_token_ids": add_special_tokens(tokenizer, cfg.tokens), "eos_token_id": tokenizer.eos_token_id},
-        counts=counts, tokens=tokens, bytes=size, shards=shards, notes=ds.notes,
+        tokenizer_source=describe_source(cfg.tokenizer),
+        counts=counts, tokens=tokens, bytes=size, shards=shards, notes=ds.notes, truncated=truncated,
         mining=mining or {"config": asdict(cfg.mining)},
     )
     log(f"[prep] wrote {counts['queries']} query rows ({tokens['queries']} tokens, {counts['ret_tokens']} RET) and "
         f"{counts['docs']} documents ({tokens['docs']} tokens), {size / 1e6:.1f} MB, to {out} in {time.time() - t0:.1f} s")
+    if cut := describe_cuts(truncated, counts["queries"], counts["docs"]):
+        log(f"[prep] {cut}")
     if quarantine:
         log(f"[prep] {len(quarantine)} record(s) quarantined with their reasons in {out / 'quarantine.jsonl'}")
     return manifest

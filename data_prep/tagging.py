@@ -60,8 +60,8 @@ class LinkTemplate:
 
 @dataclass
 class TaggingConfig:
-    max_length: int = field(default=512, metadata={"help": "max tokens of a query row; longer rows are shortened from their inserted paragraphs"})
-    max_doc_length: int = field(default=128, metadata={"help": "max tokens of a document row (text cut, the RET token kept)"})
+    max_length: int = field(default=512, metadata={"help": "max tokens of a query row; longer rows are shortened from their inserted paragraphs (counted in the manifest's 'truncated')"})
+    max_doc_length: int = field(default=128, metadata={"help": "max tokens of a document row (text cut, the RET token kept; counted in the manifest's 'truncated')"})
     use_chat_template: bool = field(default=True, metadata={"help": "wrap the instruction as the user turn when the tokenizer has a chat template"})
     rag: RagTemplate = field(default_factory=RagTemplate)
     link: LinkTemplate = field(default_factory=LinkTemplate)
@@ -91,6 +91,10 @@ class Tagger:
             raise ValueError("the tokenizer has no EOS token: training targets must end with EOS")
         self.bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
         self.chat = bool(cfg.use_chat_template and getattr(tokenizer, "chat_template", None))
+        # How many rows / documents were shortened to fit max_length / max_doc_length: prepare reads
+        # these before and after each shard and reports the totals (manifest "truncated").
+        self.cut_rows = 0
+        self.cut_docs = 0
 
     # ---- helpers -------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -113,7 +117,9 @@ class Tagger:
         template = self.cfg.link.entity if entity else self.cfg.rag.document
         ret = self.tid("se" if entity else "rd")
         body = self.bos + self.encode(template.format(title=doc.title, text=doc.text).strip())
-        body = body[: self.cfg.max_doc_length - 1]
+        if len(body) > self.cfg.max_doc_length - 1:
+            self.cut_docs += 1
+            body = body[: self.cfg.max_doc_length - 1]
         ids = body + [ret]
         return Row(ids, [CTX] * len(body) + [RET], prompt_len=len(ids))
 
@@ -145,7 +151,9 @@ class Tagger:
             raise TooLong(
                 f"needs {fixed + sum(map(len, bodies))} tokens; without its paragraphs still {fixed} > max_length {self.cfg.max_length}"
             )
-        bodies = _shorten_longest_first(bodies, budget)
+        if sum(map(len, bodies)) > budget:
+            self.cut_rows += 1
+            bodies = _shorten_longest_first(bodies, budget)
 
         ids, roles = list(prompt), [CTX] * len(prompt)
         for lead, body in zip(leads, bodies):

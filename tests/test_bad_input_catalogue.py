@@ -3,8 +3,10 @@
 Each row of ``CASES`` is one class of bad input. Its test runs the real command (``python -m
 data_prep``, ``python pipeline/train.py``, ``python -m evaluation``) in a subprocess and asserts a
 non-zero exit, exactly one ``error: ...`` line on stderr (the last line) that matches the row's
-documented line, and no Python traceback. ``--on-error skip`` is the one row that exits 0: the bad
-records are quarantined, counted on stdout and in the manifest, never silently dropped.
+documented line, and no Python traceback. A few rows exit 0, with a documented line on stdout and a
+check of what was written: ``--on-error skip`` (the bad records are quarantined, counted on stdout
+and in the manifest, never silently dropped), a UTF-8 byte-order mark (read, as ``utf-8-sig`` does)
+and rows or documents cut to fit (counted on stdout and in the manifest).
 
 ``docs/bad_input.md`` holds the table rendered from ``CASES`` (``test_doc_table_is_current``), so the
 documentation cannot drift from what the tests check. After changing a case:
@@ -23,6 +25,7 @@ the trainer's after DeepSpeed has started, ~20 s each).
 from __future__ import annotations
 
 import ast
+import gzip
 import inspect
 import json
 import re
@@ -150,9 +153,10 @@ class Case:
     what: str                           # the input class, in words
     argv: Callable[[Env], list[str]]    # writes the case's inputs, returns the command line
     error: str                          # the documented stderr line (a pattern, see the module doc)
-    exit_zero: bool = False             # only --on-error skip
+    exit_zero: bool = False             # accepted input: exit status 0, ``error`` is a line of stdout
     note: str = ""                      # one remark for the table (optional)
     heavy: bool = False                 # starts DeepSpeed or loads a tokenizer (~10-20 s): scheduled first
+    check: Callable[[Env, subprocess.CompletedProcess], None] | None = None  # what an exit-0 row wrote
 
 
 def _prep(*args: str) -> list[str]:
@@ -244,6 +248,52 @@ def c_duplicate_id(e: Env) -> list[str]:
 def c_missing_file(e: Env) -> list[str]:
     p = write_jsonl(e.tmp / "el_ok2.jsonl", [elevant(i) for i in range(1, 5)])
     return _prep("--kind", "elevant", "--input", str(p), "--kb", str(e.tmp / "no_such_kb.jsonl"), "--out", _out(e, "nokb"))
+
+
+def c_input_directory(e: Env) -> list[str]:
+    d = e.tmp / "hotpot_dir"
+    d.mkdir(exist_ok=True)
+    for name in ("dev.json", "train.jsonl"):
+        write_jsonl(d / name, [hotpot(1)])
+    (d / "README.txt").write_text("not a candidate")
+    return _prep("--kind", "hotpotqa", "--input", str(d), "--out", _out(e, "dir"))
+
+
+def c_truncated_gzip(e: Env) -> list[str]:
+    full = gzip.compress("".join(json.dumps(hotpot(i)) + "\n" for i in range(1, 41)).encode(), mtime=0)
+    p = e.tmp / "truncated.jsonl.gz"
+    p.write_bytes(full[: len(full) // 2])  # an interrupted download
+    return _prep("--kind", "hotpotqa", "--input", str(p), "--out", _out(e, "gz"))
+
+
+def c_utf8_bom(e: Env) -> list[str]:
+    p = e.tmp / "bom.json"
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps([hotpot(i) for i in range(1, 5)], indent=1).encode())
+    return _prep("--kind", "hotpotqa", "--input", str(p), "--out", _out(e, "bom"), "--tokenizer", "bpe:300")
+
+
+def _check_bom(e: Env, r: subprocess.CompletedProcess) -> None:
+    manifest = json.loads((e.tmp / "out" / "bom" / "manifest.json").read_text())
+    assert manifest["counts"]["queries"] == 4 and manifest["counts"]["quarantined"] == 0, manifest["counts"]
+
+
+def long_hotpot(i: int) -> dict:
+    """A record whose second paragraph is ~300 tokens: its row and its document are cut to fit."""
+    rec = hotpot(i)
+    rec["context"][1][1] += [f" In {y} he built a bridge over the river near Graz." for y in range(1990, 2010)]
+    return rec
+
+
+def c_truncated_rows(e: Env) -> list[str]:
+    p = write_jsonl(e.tmp / "long.jsonl", [hotpot(1), hotpot(2), hotpot(3), long_hotpot(4)])
+    return _prep("--kind", "hotpotqa", "--input", str(p), "--out", _out(e, "cut"), "--tokenizer", "bpe:300",
+                 "tagging.max_length=256")
+
+
+def _check_cut(e: Env, r: subprocess.CompletedProcess) -> None:
+    manifest = json.loads((e.tmp / "out" / "cut" / "manifest.json").read_text())
+    assert manifest["truncated"] == {"rows": 1, "docs": 1, "max_length": 256, "max_doc_length": 128}, manifest
+    assert manifest["counts"]["queries"] == 4 and manifest["counts"]["quarantined"] == 0, manifest["counts"]
 
 
 def c_prep_unknown_option(e: Env) -> list[str]:
@@ -397,19 +447,35 @@ CASES: list[Case] = [
          "error: {tmp}/db_empty.jsonl:3, record 'd3', field 'text': empty text"),
     Case("non-utf8", DP, "a line with bytes that are not UTF-8 (Latin-1 `é`)", c_non_utf8,
          "error: {tmp}/latin1.jsonl:3: not UTF-8 text (invalid continuation byte)"),
+    Case("utf8-bom", DP, "a JSON list that starts with a UTF-8 byte-order mark (as Windows tools write)", c_utf8_bom,
+         "[prep] read 4 rag examples and 12 documents", exit_zero=True, heavy=True, check=_check_bom,
+         note="accepted, not an error: the mark is skipped (read as `utf-8-sig`), in JSON lists and JSON Lines"),
     Case("span-outside-text", DP, "an entity-linking span past the end of the text", c_span_outside,
          "error: {tmp}/span.jsonl:3, record '3', field 'labels[1].span': span [20, 500] outside the text (length 33)"),
     Case("duplicate-id", DP, "two KB entities with the same id", c_duplicate_id,
          "error: {tmp}/kb_duplicate.jsonl:4, record 'Q101', field 'id': duplicate entity id"),
     Case("missing-file", DP, "an input file that does not exist (`--kb`)", c_missing_file,
          "error: {tmp}/no_such_kb.jsonl: file not found"),
+    Case("input-is-directory", DP, "a directory given as `--input`", c_input_directory,
+         "error: {tmp}/hotpot_dir/ is a directory; --input takes a file (did you mean {tmp}/hotpot_dir/dev.json or {tmp}/hotpot_dir/train.jsonl?)",
+         note="lists up to three .json/.jsonl(.gz) files inside (or one level below), when there are any"),
+    Case("truncated-gzip", DP, "a `.gz` input that ends early (an interrupted download)", c_truncated_gzip,
+         "error: {tmp}/truncated.jsonl.gz is truncated (gzip stream ended early after <n> bytes): re-download it",
+         note="the size is the file's on disk (kB / MB for larger files); a corrupt stream says \"not a readable gzip file\""),
     Case("prep-unknown-option", DP, "a misspelled `key=value` option", c_prep_unknown_option,
          "error: override tagging.max_lenght: unknown field 'max_lenght' for TaggingConfig (did you mean 'max_length'?); known fields: <...>"),
     Case("on-error-skip", DP, "bad records with `--on-error skip` (missing field, malformed JSON, not UTF-8)",
          c_on_error_skip, "[prep] 3 record(s) quarantined with their reasons in {tmp}/out/skip/quarantine.jsonl",
          exit_zero=True, heavy=True,
          note="each bad record is one line of quarantine.jsonl (file, line, record, field, reason); the count is "
-              "also in `[prep] read ...` and in manifest.json `counts.quarantined`; the 5 good records are prepared"),
+              "also in `[prep] read ...` and in manifest.json `counts.quarantined`; the 5 good records are prepared",
+         check=lambda e, r: _check_quarantine(e.tmp / "out" / "skip", e.tmp / "skip.jsonl", r.stdout)),
+    Case("truncated-rows", DP, "rows and documents longer than `tagging.max_length` / `tagging.max_doc_length`",
+         c_truncated_rows,
+         "[prep] cut 1 of 4 rows to 256 tokens and 1 of 12 documents to 128 tokens (tagging.max_length / tagging.max_doc_length; counts in manifest.json 'truncated')",
+         exit_zero=True, heavy=True, check=_check_cut,
+         note="a row loses tokens of its inserted paragraphs, a document the end of its text; manifest.json "
+              "`truncated`: `{\"rows\": 1, \"docs\": 1, \"max_length\": 256, \"max_doc_length\": 128}`"),
     # ---- pipeline: recipe, overrides, DeepSpeed config, prepared dataset
     Case("recipe-unknown-field", TR, "a recipe (YAML) with a misspelled field", c_recipe_unknown_field,
          "error: {tmp}/recipe_typo.yaml:6, field 'loss.lamda_ret': unknown field 'lamda_ret' for LossConfig (did you mean 'lambda_ret'?); known fields: <...>"),
@@ -510,7 +576,8 @@ def test_bad_input(case_id, inputs, outcomes):
     if case.exit_zero:
         assert r.returncode == 0, shown
         assert [l for l in r.stdout.splitlines() if want.fullmatch(l)], f"no line matches {case.error!r}\n{shown}"
-        _check_quarantine(inputs.tmp / "out" / "skip", inputs.tmp / "skip.jsonl", r.stdout)
+        assert case.check is not None, f"{case.id}: an accepted input needs a check of what it wrote"
+        case.check(inputs, r)
         return
     assert r.returncode == 2, shown  # every CLI: OneGenError -> `error: ...`, exit status 2
     errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]

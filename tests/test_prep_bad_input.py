@@ -5,6 +5,7 @@ reason each, the count is reported on stdout, and the good records are prepared.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -190,3 +191,104 @@ def test_on_error_skip_with_nothing_usable_is_an_error(tmp_path):
     assert r.stderr.strip() == "error: no usable example in the input (2 quarantined, see quarantine.jsonl)"
     quarantine = [json.loads(l) for l in (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()]
     assert [(q["line"], q["field"]) for q in quarantine] == [(1, "answer"), (2, None)]
+
+
+# ---- found outside the catalogue (issue #14): BOM, truncated gzip, a directory, rows cut to fit ----
+
+def _records(path: Path) -> list[str]:
+    from data_prep.readers.jsonio import iter_records
+
+    return [r.data["_id"] for r in iter_records(path)]
+
+
+def test_utf8_bom_is_read_as_utf8_sig(tmp_path):
+    rows = [hotpot(1), hotpot(2)]
+    listed = tmp_path / "bom.json"
+    listed.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows, indent=1).encode())
+    lines = tmp_path / "bom.jsonl"
+    lines.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    gz = tmp_path / "bom.json.gz"
+    gz.write_bytes(gzip.compress(listed.read_bytes()))
+    for p in (listed, lines, gz):
+        assert _records(p) == ["q1", "q2"], p
+
+
+def test_truncated_or_corrupt_gzip_is_one_named_error(tmp_path):
+    from onegen.errors import OneGenError
+
+    text = "".join(json.dumps(hotpot(i)) + "\n" for i in range(1, 30))
+    for name, payload in (("lines.jsonl.gz", text), ("list.json.gz", json.dumps([hotpot(i) for i in range(1, 30)]))):
+        full = gzip.compress(payload.encode())
+        p = tmp_path / name
+        p.write_bytes(full[: len(full) // 2])
+        with pytest.raises(OneGenError) as e:
+            _records(p)
+        assert str(e.value) == f"{p} is truncated (gzip stream ended early after {len(full) // 2} bytes): re-download it"
+    bad_crc = bytearray(gzip.compress(text.encode()))
+    bad_crc[-8] ^= 0xFF  # the CRC32 of the trailer
+    p = tmp_path / "crc.jsonl.gz"
+    p.write_bytes(bytes(bad_crc))
+    with pytest.raises(OneGenError, match=re.escape(f"{p} is not a readable gzip file (") + r".*\): re-download it"):
+        _records(p)
+
+
+def test_a_directory_is_not_a_file(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    r = run_cli("prepare", "--kind", "hotpotqa", "--input", str(d), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {d}/ is a directory; --input takes a file", r.stderr
+    for name in ("a.json", "b.jsonl.gz", "c.jsonl", "d.json", "notes.txt"):
+        (d / name).write_text("[]")
+    sub = tmp_path / "kbdir"
+    (sub / "inner").mkdir(parents=True)
+    (sub / "inner" / "kb.jsonl").write_text("")
+    from data_prep.readers.jsonio import check_input_file
+    from onegen.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        check_input_file(d, "--input")
+    assert str(e.value) == (f"{d}/ is a directory; --input takes a file (did you mean {d}/a.json or {d}/b.jsonl.gz or "
+                            f"{d}/c.jsonl, ... (4 in all)?)")
+    with pytest.raises(ConfigError, match=re.escape(f"--kb takes a file (did you mean {sub}/inner/kb.jsonl?)")):
+        check_input_file(sub, "--kb")
+
+
+def _prep_cut(tmp_path: Path, out: Path, *extra: str) -> dict:
+    from data_prep.prepare import PrepConfig, prepare
+    from onegen.config import load_config
+
+    long = hotpot(4)
+    long["context"][1][1] = long["context"][1][1] + [f" In {y} he built a bridge near Graz." for y in range(1990, 2010)]
+    src = write_jsonl(tmp_path / "long.jsonl", [hotpot(1), hotpot(2), hotpot(3), long, hotpot(5), long | {"_id": "q6"}])
+    lines: list[str] = []
+    cfg = load_config(PrepConfig, None, [f"input={src}", f"out={out}", "tokenizer=bpe:300", "kind=hotpotqa",
+                                         "shard_size=2", "tagging.max_length=256", "tagging.max_doc_length=64", *extra])
+    prepare(cfg, log=lines.append)
+    return {"manifest": json.loads((out / "manifest.json").read_text()), "log": lines}
+
+
+def test_rows_and_documents_cut_to_fit_are_counted_and_said(tmp_path):
+    out = tmp_path / "out"
+    first = _prep_cut(tmp_path, out)
+    cut = first["manifest"]["truncated"]
+    assert cut["rows"] == 2 and cut["max_length"] == 256 and cut["max_doc_length"] == 64, cut
+    n_docs = first["manifest"]["counts"]["docs"]
+    assert 1 <= cut["docs"] < n_docs and "uncounted_shards" not in cut
+    assert f"[prep] cut 2 of 6 rows to 256 tokens and {cut['docs']} of {n_docs} documents to 64 tokens" in \
+        "\n".join(first["log"])
+    # Every row really fits, and the cut rows are exactly the long ones.
+    lengths = {}
+    for p in sorted((out / "queries").glob("shard-*.arrow")):
+        with pa.memory_map(str(p)) as src:
+            t = pa.ipc.open_stream(src).read_all()
+        lengths.update(zip(t.column("example_id").to_pylist(), map(len, t.column("input_ids").to_pylist())))
+    assert max(lengths.values()) <= 256 and lengths["q4"] == lengths["q6"] == 256, lengths
+    # A resumed run (manifest and one query shard gone) counts the same: the finished shards keep their count.
+    (out / "manifest.json").unlink()
+    (out / "queries" / "shard-00001.arrow").unlink()
+    again = _prep_cut(tmp_path, out)
+    assert again["manifest"]["truncated"] == cut
+    # Nothing cut: zeros in the manifest, no line.
+    none = _prep_cut(tmp_path, tmp_path / "roomy", "tagging.max_length=4096", "tagging.max_doc_length=4096")
+    assert none["manifest"]["truncated"]["rows"] == none["manifest"]["truncated"]["docs"] == 0
+    assert not any(line.startswith("[prep] cut") for line in none["log"])

@@ -3,7 +3,9 @@
 Every record comes with its 1-based position: the line of a JSONL file, or the record index + 1
 of a JSON list (``where="record"``), so any later error can name file, line and field. The format
 is sniffed from the content, not the suffix: several real files are JSON Lines named ``.json``
-(AMOR's HotpotQA ``test.json``, 2Wiki's ``id_aliases.json``).
+(AMOR's HotpotQA ``test.json``, 2Wiki's ``id_aliases.json``). A UTF-8 byte-order mark at the start
+of a file is read as ``utf-8-sig`` does (skipped). A gzip file that ends early (an interrupted
+download) or is corrupt is one named error, not an ``EOFError`` traceback.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from onegen.errors import InputError
+from onegen.errors import ConfigError, InputError, OneGenError
 
 from .errors import ErrorPolicy, resolve_policy
 
@@ -27,16 +30,51 @@ _TYPE_NAMES = {str: "string", int: "integer", float: "number", list: "list", dic
 def open_binary(path: str | Path) -> IO[bytes]:
     """Open ``path`` for reading bytes, gunzipping transparently (detected by the gzip magic bytes)."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, None, None, "file not found")
+    check_input_file(path)
     with open(path, "rb") as f:
         magic = f.read(2)
     return gzip.open(path, "rb") if magic == GZIP_MAGIC else open(path, "rb")
 
 
 def open_text(path: str | Path) -> IO[str]:
-    """Open ``path`` as UTF-8 text, gunzipping transparently."""
-    return io.TextIOWrapper(open_binary(path), encoding="utf-8")
+    """Open ``path`` as UTF-8 text (a leading byte-order mark skipped), gunzipping transparently."""
+    return io.TextIOWrapper(open_binary(path), encoding="utf-8-sig")
+
+
+def check_input_file(path: str | Path, flag: str | None = None) -> None:
+    """Raise the user's error when ``path`` is not a readable file: missing, or a directory.
+
+    ``flag`` names the option that took it (``--input``) in the directory message, which lists a
+    few JSON files inside as candidates."""
+    path = Path(path)
+    if path.is_dir():
+        takes = f"{flag} takes a file" if flag else "give a file"
+        found = _json_files_in(path)
+        hint = ""
+        if found:
+            more = f", ... ({len(found)} in all)" if len(found) > 3 else ""
+            hint = f" (did you mean {' or '.join(map(str, found[:3]))}{more}?)"
+        raise ConfigError(f"{path}/ is a directory; {takes}{hint}")
+    if not path.is_file():
+        raise InputError(path, None, None, "file not found")
+
+
+def _json_files_in(directory: Path) -> list[Path]:
+    """JSON / JSON Lines files (gzipped or not) in ``directory``, else one level below, sorted."""
+    suffixes = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+    for pattern in ("*", "*/*"):
+        found = sorted(p for p in directory.glob(pattern) if p.is_file() and p.name.endswith(suffixes))
+        if found:
+            return found
+    return []
+
+
+def _gzip_error(path: Path, e: Exception) -> OneGenError:
+    size = path.stat().st_size
+    shown = f"{size} bytes" if size < 1000 else f"{size / 1e3:.1f} kB" if size < 1e6 else f"{size / 1e6:.1f} MB"
+    if isinstance(e, EOFError):
+        return OneGenError(f"{path} is truncated (gzip stream ended early after {shown}): re-download it")
+    return OneGenError(f"{path} is not a readable gzip file ({e}): re-download it")
 
 
 def _type_name(types: type | tuple[type, ...]) -> str:
@@ -112,10 +150,13 @@ def iter_records(path: str | Path, policy: ErrorPolicy | None = None) -> Iterato
     """
     path = Path(path)
     policy = resolve_policy(policy)
-    if _first_significant_byte(path) == b"[":
-        yield from _iter_json_list(path, policy)
-    else:
-        yield from _iter_json_lines(path, policy)
+    try:
+        if _first_significant_byte(path) == b"[":
+            yield from _iter_json_list(path, policy)
+        else:
+            yield from _iter_json_lines(path, policy)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # only gzip reads raise these here
+        raise _gzip_error(path, e) from None
 
 
 def _iter_json_list(path: Path, policy: ErrorPolicy) -> Iterator[RawRecord]:
