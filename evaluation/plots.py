@@ -1,13 +1,16 @@
-"""Plots of one evaluation run (matplotlib, Agg backend: no display needed).
+"""Plots of evaluation runs (matplotlib, Agg backend: no display needed).
 
 * ``recall_per_hop.png``: Recall@1 per hop ([RQ] i, or "link" for entity linking), free generation
   next to teacher-forced — the gap is what the model's own decoding loses;
 * ``top1_scores.png``: histogram of the top-1 retrieval score, hits (top-1 = gold) against misses —
-  how separable the model's embedding space is.
+  how separable the model's embedding space is;
+* ``comparison_figure``: the ``compare`` PNG (one row per run in the table's order, one panel per
+  metric, values written on the bars, bootstrap CIs as error bars).
 """
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -72,40 +75,71 @@ def score_histogram(hit_scores: Sequence[float], miss_scores: Sequence[float], p
     return path
 
 
-def grouped_bars(groups: Sequence[str], series: dict[str, Sequence[float | None]], path: Path, title: str,
-                 ylabel: str, side: dict[str, float | None] | None = None, side_label: str = "") -> Path:
-    """One group per metric, one bar per series (run); optional second panel with one value per series."""
+# One colour per method, the same in every panel (OneGen blue, its two-pass variant lighter, the
+# separate-retriever pipelines warm, no retrieval grey).
+METHOD_COLORS = {"onegen": "#3B6FB6", "two-pass": "#8DB0DD", "pipeline-bm25": "#D9822B", "pipeline-minilm": "#B5462F",
+                 "no-retrieval": "#8C8C8C"}
+
+
+def _value_text(v: float, unit: str) -> str:
+    return f"{v:.3f}" if unit == "score" else f"{v:.3f} s" if v < 10 else f"{v:.1f} s"
+
+
+def _panel(ax, y, values, cis, unit: str, colors: list) -> None:
+    """Horizontal bars of one metric, each annotated with its value (and its CI as an error bar)."""
+    top = max([v for v in values if v is not None] + [hi for c in cis if c for _, hi in [c]] + [1e-9])
+    right = 1.0 if unit == "score" else top
+    pad = 0.035 * right
+    for yi, v, ci, color in zip(y, values, cis, colors):
+        if v is None:
+            ax.text(pad, yi, "n/a", va="center", ha="left", fontsize=8, color="#777777", style="italic")
+            continue
+        ax.barh(yi, v, height=0.62, color=color)
+        end = v
+        if ci is not None:
+            ax.errorbar(v, yi, xerr=[[v - ci[0]], [ci[1] - v]], fmt="none", ecolor="#222222", elinewidth=1, capsize=3)
+            end = max(v, ci[1])
+        ax.text(end + pad, yi, _value_text(v, unit), va="center", ha="left", fontsize=8)
+    ax.set_xlim(0, right * 1.32)
+    if unit == "score":
+        ax.set_xticks([0, 0.5, 1.0], ["0", "0.5", "1"])
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
+def comparison_figure(labels: Sequence[str], methods: Sequence[str | None], panels: Sequence[dict], path: Path,
+                      title: str, subtitle: str) -> Path:
+    """One row per run (top to bottom in the table's order, named on the left), one panel per metric.
+
+    ``panels``: dicts with ``title``, ``values`` (per row, None = not applicable), ``cis`` (per row,
+    (low, high) or None) and ``unit`` (``score``: a 0..1 axis; ``s``: seconds)."""
     plt = _plt()
-    n = max(len(series), 1)
-    panels = 2 if side else 1
-    fig, axes = plt.subplots(1, panels, figsize=(max(7.0, len(groups) * (1 + n / 8)) + (3.5 if side else 0), 4.4),
-                             gridspec_kw={"width_ratios": [3, 1]} if side else None, squeeze=False)
-    ax = axes[0][0]
-    width = 0.8 / n
-    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
-    for j, (name, vals) in enumerate(series.items()):
-        xs = [i + (j - (n - 1) / 2) * width for i, v in enumerate(vals) if v is not None]
-        ys = [v for v in vals if v is not None]
-        bars = ax.bar(xs, ys, width, label=name, color=cmap(j % cmap.N))
-        if n <= 8:
-            ax.bar_label(bars, fmt="%.2f", fontsize=6, rotation=90 if n > 2 else 0, padding=2)
-    ax.set_xticks(range(len(groups)), groups)
-    ax.set_ylim(0, 1.15)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.12), ncol=min(n, 3), frameon=False)
-    if side:
-        ax2 = axes[0][1]
-        names = list(series)
-        vals = [side.get(k) or 0.0 for k in names]
-        ax2.bar(range(len(names)), vals, color=[cmap(j % cmap.N) for j in range(len(names))])
-        ax2.set_xticks(range(len(names)), [str(j + 1) for j in range(len(names))])
-        ax2.set_xlabel("run (legend order)")
-        ax2.set_title(side_label, fontsize=10)
-        ax2.grid(axis="y", alpha=0.3)
+    n_rows, n_panels = len(labels), max(len(panels), 1)
+    lines_per_label = max((lab.count("\n") + 1 for lab in labels), default=1)
+    fig, axes = plt.subplots(1, n_panels, sharey=True, squeeze=False,
+                             figsize=(1.5 + 2.0 * n_panels, 1.45 + (0.36 + 0.12 * lines_per_label) * n_rows))
+    fallback = plt.get_cmap("tab10")
+    colors = [METHOD_COLORS.get(m or "", fallback(i % 10)) for i, m in enumerate(methods)]
+    y = list(range(n_rows))
+    for ax, panel in zip(axes[0], panels):
+        _panel(ax, y, panel["values"], panel["cis"], panel["unit"], colors)
+        ax.set_title(panel["title"], fontsize=9.5)
+    first = axes[0][0]
+    first.set_yticks(y, labels, fontsize=9)
+    first.set_ylim(n_rows - 0.5, -0.5)  # the first row on top, as in the table
+    for ax in axes[0][1:]:
+        ax.tick_params(axis="y", length=0)
     fig.tight_layout()
+    fig.subplots_adjust(wspace=0.12)
+    # Title and subtitle above the panels (bbox_inches="tight" keeps them), wrapped to the figure's width.
+    width_in, height_in = fig.get_size_inches()
+    sub = [part for line in subtitle.splitlines() for part in textwrap.wrap(line, width=int(width_in * 15))]
+    fig.text(0.0, 1 + (0.12 + 0.16 * len(sub)) / height_in, title, fontsize=11.5, fontweight="bold", ha="left", va="bottom")
+    fig.text(0.0, 1 + 0.08 / height_in, "\n".join(sub), fontsize=8.5, color="#444444", ha="left", va="bottom",
+             linespacing=1.3)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=150, bbox_inches="tight", pad_inches=0.12)
     plt.close(fig)
     return path

@@ -47,6 +47,28 @@ def local_artifact_root(uri: str) -> str | None:
     return None
 
 
+# MLflow 3.x's UI opens an experiment by its kind: "genai_development" lands on the GenAI overview
+# (traces, no runs), "custom_model_development" on the runs table; an experiment without the tag asks
+# the user to choose. Its sidebar also has a global "workflow type" toggle (GenAI by default in 3.17,
+# kept in the browser), which the URL's ?workflowType=machine_learning sets (the quickstart prints
+# http://127.0.0.1:5000/#/experiments/<id>/runs?workflowType=machine_learning).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def ensure_experiment(client: Any, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment ``name``, created as a machine-learning experiment when missing.
+
+    An existing experiment without a kind gets this one (a kind someone chose is kept)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name, artifact_location=artifact_location,
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -80,9 +102,7 @@ class Tracker:
             # A client, not mlflow's global active run: no atexit end_run against a server that died
             # mid-run (more retries at exit), and no MLFLOW_TRACKING_URI exported to child processes.
             client = MlflowClient(tracking_uri=self.uri)
-            exp = client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else client.create_experiment(
-                experiment, artifact_location=local_artifact_root(self.uri))
+            exp_id = ensure_experiment(client, experiment, local_artifact_root(self.uri))
             id_file = self.output_dir / "mlflow_run_id"
             previous = id_file.read_text().strip() if id_file.exists() else None
             if previous:
@@ -174,8 +194,57 @@ def truncate_local_metrics(output_dir: str | Path, step: int) -> int:
     return dropped
 
 
+def _curve_run(output_dir: Path) -> dict[str, Any]:
+    """What the curves' title and panels need from ``OUTPUT/config.yaml`` (mode, model, retrieval loss)."""
+    import yaml  # here, like matplotlib below: only the end-of-run plot needs it
+
+    try:
+        cfg = yaml.safe_load((output_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        cfg = {}
+    model, loss = cfg.get("model") or {}, cfg.get("loss") or {}
+    name = str(model.get("source") or "?")
+    if name == "tiny":  # a model built from the config's fields: say which
+        layers = model.get("num_layers")
+        name = (f"tiny {model.get('architecture', 'llama')} (hidden {model.get('hidden_size')}, "
+                f"{layers} layer{'' if layers == 1 else 's'})")
+    return {"mode": loss.get("mode"), "model": name, "ret_loss": loss.get("ret_loss") or "retrieval"}
+
+
+def curve_panels(rows: list[dict], mode: str | None, ret_loss: str = "retrieval") -> list[dict]:
+    """The training-curve panels of ``metrics.jsonl`` rows (pure): losses, then retrieval accuracy.
+
+    A ``git`` run has no retrieval loss (loss_ret is 0, its accuracies mean nothing): losses only.
+    Without a known mode, a run whose loss_ret is 0 at every step is taken for one."""
+    if mode is None:
+        mode = "git" if not any(r.get("loss_ret") for r in rows) else None
+
+    def series(key: str, label: str, marker: str | None = None) -> list[tuple]:
+        # a sampled entity KB names the metric eval/retrieval_acc@N (pipeline.train._evaluate)
+        found: dict[str, dict] = {}
+        for r in rows:
+            for k, v in r.items():
+                if k == key or k.startswith(key + "@"):
+                    found.setdefault(k, {})[r["step"]] = v
+        return [(label + (f" (top-1 of {k.split('@', 1)[1]} sampled)" if "@" in k else ""),
+                 *zip(*sorted(pts.items())), marker) for k, pts in found.items()]
+
+    losses = [] if mode == "rit" else series("loss_gen", "loss_gen: next-token CE (nats/token)")
+    if mode != "git":
+        losses += series("loss_ret", f"loss_ret: {ret_loss} (nats/query)")
+    units = {"loss_gen" if s[0].startswith("loss_gen") else "loss_ret" for s in losses}
+    ylabel = {frozenset({"loss_gen"}): "loss (nats/token)", frozenset({"loss_ret"}): "loss (nats/query)"}
+    panels = [{"title": "training losses", "ylabel": ylabel.get(frozenset(units), "loss (nats)"), "series": losses,
+               "ylim": None}]
+    if mode != "git":
+        acc = series("ret_acc", "training batch") + series("eval/retrieval_acc", "held-out eval split", "o")
+        panels.append({"title": "retrieval accuracy", "ylabel": "top-1 retrieval accuracy", "series": acc,
+                       "ylim": (0, 1.02)})
+    return panels
+
+
 def plot_curves(output_dir: str | Path, path: str | Path | None = None) -> Path | None:
-    """loss, loss_gen, loss_ret and retrieval accuracy against step, as a PNG."""
+    """Training curves of a run as a PNG: losses, and (unless ``git``) retrieval accuracy, against step."""
     rows = read_local_metrics(output_dir)
     if not rows:
         return None
@@ -184,22 +253,26 @@ def plot_curves(output_dir: str | Path, path: str | Path | None = None) -> Path 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path or Path(output_dir) / "training_curves.png")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for key, ax in (("loss_gen", axes[0]), ("loss_ret", axes[0]), ("ret_acc", axes[1]), ("eval/retrieval_acc", axes[1])):
-        # a sampled entity KB names the metric eval/retrieval_acc@N (pipeline.train._evaluate)
-        pts = [(r["step"], v) for r in rows for k, v in r.items() if k == key or k.startswith(key + "@")]
-        if pts:
-            xs, ys = zip(*sorted(dict(pts).items()))
-            ax.plot(xs, ys, label=key, marker="o" if key.startswith("eval") else None, markersize=3)
-    axes[0].set_title("losses")
-    axes[1].set_title("retrieval accuracy (in-batch / held-out)")
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.legend()
+    output_dir = Path(output_dir)
+    path = Path(path or output_dir / "training_curves.png")
+    run = _curve_run(output_dir)
+    panels = curve_panels(rows, run["mode"], run["ret_loss"])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 3.9), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for label, xs, ys, marker in panel["series"]:
+            ax.plot(xs, ys, label=label, marker=marker, markersize=3.5, linewidth=1.4)
+        ax.set_title(panel["title"], fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(panel["ylabel"], fontsize=9)
+        if panel["ylim"]:
+            ax.set_ylim(*panel["ylim"])
+        if panel["series"]:
+            ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    axes[1].set_ylim(0, 1.02)
+    mode = run["mode"] or ("git" if len(panels) == 1 else "?")
+    fig.suptitle(f"training curves: {output_dir.name} ({mode} mode, {run['model']})", fontsize=11, fontweight="bold",
+                 x=0.01, ha="left")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
     return path

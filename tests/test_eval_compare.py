@@ -113,3 +113,86 @@ def test_tracker_degrades_when_mlflow_is_unreachable(tmp_path, capsys):
     t.log_metrics({"em": 1.0})
     t.end()
     assert not t.ok and "MLflow is unavailable" in capsys.readouterr().err
+
+
+# ---- the figure and the CIs (issue #14): the table's order, n, s/question, bootstrap CIs -----------
+
+def _qs_run(client, exp, base, method, mode, em_hits, *, n=10, recall=None, predictions=True, lie=False):
+    """An eval run like the quickstart's, with a predictions.jsonl artifact of ``em_hits`` of ``n`` right."""
+    import json
+
+    from mlflow.entities import Metric, Param
+
+    records = [{"example_id": f"q{i}", "scores": {"em": float(i < em_hits), "f1": float(i < em_hits),
+                                                   **({"hop_recall_at_1": float(i < recall)} if recall is not None else {})}}
+               for i in range(n)]
+    metrics = {"em": em_hits / n + (0.1 if lie else 0.0), "f1": em_hits / n, "s_per_question": 0.5 + em_hits / 10,
+               "tokens_per_s": 99.0, "n": n}
+    if recall is not None:
+        metrics.update(recall_at_1_free=recall / n, recall_at_1_tf=0.9)
+    run = client.create_run(exp, run_name=f"eval-{method}", tags={
+        "onegen.stage": "eval", "onegen.method": method, "onegen.dataset": "rag_dev", "onegen.model": f"train-{mode}/model",
+        "onegen.mode": mode, "onegen.setting": "distractor", "onegen.task": "rag"})
+    client.log_batch(run.info.run_id, metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()],
+                     params=[Param("model_fingerprint", mode * 8), Param("model_source", "tiny")])
+    if predictions:
+        path = base / run.info.run_id / "predictions.jsonl"
+        path.parent.mkdir(parents=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        client.log_artifact(run.info.run_id, str(path))
+    client.set_terminated(run.info.run_id)
+    time.sleep(0.01)
+    return records
+
+
+def test_figure_and_table_follow_method_order_with_bootstrap_cis(tmp_path):
+    from mlflow.tracking import MlflowClient
+    from rich.console import Console
+
+    from evaluation.bootstrap import bootstrap_ci
+    from evaluation.compare import METHOD_ORDER, figure_data
+
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("quickstart", artifact_location=(tmp_path / "art").as_uri())
+    # Logged in the quickstart's order (git checkpoint first): the old chart followed the checkpoint's name.
+    _qs_run(client, exp, tmp_path, "pipeline-bm25", "git", 2, recall=5)
+    _qs_run(client, exp, tmp_path, "pipeline-minilm", "git", 3, recall=6, lie=True)  # metrics.json != predictions
+    _qs_run(client, exp, tmp_path, "no-retrieval", "git", 1)
+    onegen = _qs_run(client, exp, tmp_path, "onegen", "onegen", 8, recall=10)
+    _qs_run(client, exp, tmp_path, "two-pass", "onegen", 8, recall=10, predictions=False)
+
+    res = compare(uri, "quickstart", tmp_path / "c.png", console=Console(record=True, width=250))
+    rows = res["rows"]
+    assert [r["method"] for r in rows] == METHOD_ORDER
+    ci = bootstrap_ci([r["scores"]["em"] for r in onegen])
+    assert rows[0]["ci"]["EM"] == ci and ci.low < 0.8 < ci.high and rows[0]["ci"]["R@1 free"].mean == 1.0
+    assert rows[1]["ci"] == {}                    # two-pass: no predictions artifact, no interval
+    assert set(rows[3]["ci"]) == {"F1", "R@1 free"}  # minilm's EM does not match its predictions: none drawn
+    assert "R@1 TF" not in rows[0]["ci"]          # not kept per question
+
+    fig = figure_data(rows, "quickstart")
+    assert fig["methods"] == METHOD_ORDER
+    assert fig["labels"][0] == "onegen\nonegen checkpoint" and fig["labels"][2] == "pipeline-bm25\ngit checkpoint"
+    assert [p["column"] for p in fig["panels"]] == ["EM", "F1", "R@1 free", "R@1 TF", "s/q"]  # s/question, not tokens/s
+    em = fig["panels"][0]
+    assert em["values"] == [0.8, 0.8, 0.2, pytest.approx(0.4), 0.1]
+    assert em["cis"][0] == (ci.low, ci.high) and em["cis"][1] is None
+    assert fig["panels"][2]["values"][4] is None  # no-retrieval has no recall
+    assert fig["title"] == "quickstart: tiny Llama (built from a config)"
+    assert "n = 10 held-out questions per method" in fig["subtitle"] and "95% bootstrap CI" in fig["subtitle"]
+    assert res["png"].read_bytes()[:4] == b"\x89PNG"
+
+    md = res["md"].read_text().splitlines()
+    assert md[2].startswith("| onegen |") and f"| {ci.fmt()} |" in md[2] and "| 0.800 |" in md[3]  # two-pass: bare
+    header = res["csv"].read_text().splitlines()[0].split(",")
+    assert header[-8:] == ["EM CI low", "EM CI high", "F1 CI low", "F1 CI high", "R@1 free CI low", "R@1 free CI high",
+                           "run_id", "train_run_id"]
+
+
+def test_cis_from_records_refuses_predictions_of_another_run():
+    from evaluation.compare import cis_from_records
+
+    records = [{"scores": {"em": 1.0, "f1": 0.5}}, {"scores": {"em": 0.0, "f1": 0.5}}]
+    got = cis_from_records(records, {"EM": 0.5, "F1": 0.75, "R@1 free": None})
+    assert set(got) == {"EM"} and got["EM"].low <= 0.5 <= got["EM"].high
