@@ -159,7 +159,8 @@ def context_needed(rows: list[dict], setup: Setup, retrievals: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--model", help="exported checkpoint dir (default: a tiny model built in-process)")
     ap.add_argument("--hidden", type=int, default=256, help="in-process model: hidden size")
     ap.add_argument("--layers", type=int, default=4, help="in-process model: layers")

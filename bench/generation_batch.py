@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--model", required=True, help="exported OneGen checkpoint dir")
     ap.add_argument("--data", required=True, help="prepared RAG or EL dataset dir (its docs are indexed)")
     ap.add_argument("--n", type=int, default=48, help="rows answered at each batch size")

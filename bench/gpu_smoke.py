@@ -320,17 +320,20 @@ def cmd_stack(ns: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/gpu_smoke.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("stack", help="print python, torch/CUDA, GPUs, flash-attn, faiss, DeepSpeed, transformers")
+    p = sub.add_parser("stack", help="print python, torch/CUDA, GPUs, flash-attn, faiss, DeepSpeed, transformers",
+                       allow_abbrev=False)
     p.add_argument("--require-cuda", action="store_true", help="exit 1 when torch sees no CUDA device")
     p.add_argument("--require-flash", action="store_true", help="exit 1 when flash-attn would not be used")
     p.set_defaults(fn=cmd_stack)
-    p = sub.add_parser("params", help="parameter counts and FLOPs/token of a recipe's model (key=value overrides)")
+    p = sub.add_parser("params", help="parameter counts and FLOPs/token of a recipe's model (key=value overrides)",
+                       allow_abbrev=False)
     p.add_argument("--config", required=True, help="YAML recipe (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, as for pipeline/train.py")
     p.set_defaults(fn=cmd_params)
-    p = sub.add_parser("report", help="tokens/s, step time, peak memory and MFU of a finished training run")
+    p = sub.add_parser("report", help="tokens/s, step time, peak memory and MFU of a finished training run",
+                       allow_abbrev=False)
     p.add_argument("--out", required=True, help="the run's output_dir (config.yaml + metrics.jsonl)")
     p.add_argument("--skip", type=int, default=2, help="warm-up steps left out of the timing (default 2)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs the run used (MFU is per GPU)")

@@ -35,7 +35,8 @@ def _cpu_seconds() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--questions", type=int, default=20000, help="synthetic train questions (>= 1)")
     ap.add_argument("--entities", type=int, default=600, help="entities (= documents) of the train world")
     ap.add_argument("--num-proc", type=int, nargs="+", default=[1, 2], help="worker counts to time, in order")

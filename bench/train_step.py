@@ -46,7 +46,8 @@ def run(launcher: str, data: Path, out: Path, steps: int, mode: str, model: list
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--data", required=True, help="a prepared RAG dataset dir (e.g. runs/world/rag_train)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--model", nargs="*", default=["model.hidden_size=128", "model.intermediate_size=384", "model.num_layers=2", "model.num_heads=4"],

@@ -678,6 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
             "never appear in train, so dev questions can only be answered by retrieval."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
     )
     p.add_argument("--out", type=Path, required=True, help="output directory (created if missing)")
     p.add_argument("--progress", choices=["auto", "on", "off"], default="auto", help="progress bars")

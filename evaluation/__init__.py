@@ -17,7 +17,7 @@ Modules (each one job; importing this package imports none of them, so ``metrics
 * ``teacher_forced`` ``teacher_forced_recall``: Recall@1 per hop from gold rows, against the index
 * ``tasks``          the RAG and EL passes of a run: generate, score, prediction records, headline metrics
 * ``run``            the ``index`` and ``run`` commands: files, metrics.json, plots, MLflow run
-* ``tracking``       MLflow for evaluation runs, linked to (nested under) their training run
+* ``tracking``       MLflow for evaluation runs, linked to their training run by a tag
 * ``compare``/``plots`` ``python -m evaluation compare``: the side-by-side table, PNG, CSV, markdown
 * ``cli``            ``python -m evaluation`` argument parsing
 

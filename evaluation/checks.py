@@ -12,12 +12,14 @@ import json
 from pathlib import Path
 
 from onegen.errors import ManifestMismatch
-from onegen.manifest import ONEGEN_CONFIG, read_manifest
+from onegen.manifest import ONEGEN_CONFIG
+from pipeline.data import read_output_manifest
 
 
 def model_manifest(model_dir: str | Path) -> dict:
-    """The export's manifest (stage ``train``), with a clear error when it is not a model export."""
-    return read_manifest(model_dir, expect_stage="train")
+    """The export's manifest (stage ``train``), with a clear error when it is not a model export
+    (a training run given for its ``model/``, a path that does not exist: ``pipeline.data.not_an_output``)."""
+    return read_output_manifest(model_dir, "train")
 
 
 def onegen_config(model_dir: str | Path) -> dict:
@@ -58,7 +60,7 @@ def preflight(model_dir: str | Path, data_dir: str | Path) -> tuple[dict, dict, 
 
     mman = model_manifest(model_dir)
     ocfg = onegen_config(model_dir)
-    dman = read_manifest(data_dir, expect_stage="data_prep")
+    dman = read_output_manifest(data_dir, "data_prep")
     verify_shards(data_dir, dman)
     check_data_for_model(model_dir, data_dir, dman, mman, ocfg)
     return mman, ocfg, dman

@@ -25,9 +25,11 @@ is sharded (each GPU holds 1/n of the index); --faiss-fp16 stores a flat index i
 
 MLflow: default store sqlite:///<RESULTS_DIR>/../mlflow.db (so runs/eval/mlflow.db with the default
 --out), or $MLFLOW_TRACKING_URI, or --tracking-uri URI; `--tracking-uri train` logs into the store of
-the checkpoint's training run so the eval run nests under it. Tags: onegen.stage=eval,
-onegen.method, onegen.dataset, onegen.model, onegen.mode, onegen.train_run_id (+ mlflow.parentRunId
-when the training run is in the same store).
+the checkpoint's training run, next to it. Eval runs are top-level runs (the runs table shows them,
+not folded under the training run), linked to it by the tag onegen.train_run_id. Tags:
+onegen.stage=eval, onegen.method, onegen.dataset, onegen.model, onegen.mode, onegen.train_run_id;
+metrics em, f1, recall_at_1_free, recall_at_1_tf, s_per_question. The run ends with one line:
+[eval] METHOD: EM .. F1 .. R@1 free .. tf .. · s/question (n=..).
 
 Examples:
   python -m evaluation index --model runs/tiny-cpu/model --data runs/world/rag_dev --out runs/index/rag_dev
@@ -44,6 +46,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from onegen.environment import apply_offline_defaults
 from onegen.errors import OneGenError
 
 METHOD_NAMES = ["onegen", "two-pass", "pipeline-bm25", "pipeline-minilm", "no-retrieval"]  # = run.METHODS
@@ -68,10 +71,11 @@ def _add_precision_args(p: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__, formatter_class=fmt)
+    p = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__, formatter_class=fmt, allow_abbrev=False)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{index,run,compare}")
 
     pi = sub.add_parser("index", help="build (or reuse) the checkpoint's document index of a prepared dataset",
+                        allow_abbrev=False,
                         description="Encode every document of PREPARED_DIR/docs with the checkpoint (the final "
                                     "[RD]/[SE] state, L2-normalised) and write a faiss index dir. A complete index "
                                     "for the same checkpoint + data + kind is reused; --force rebuilds.")
@@ -86,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     pi.add_argument("--force", action="store_true", help="rebuild even if a complete index is there")
     pi.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    pr = sub.add_parser("run", help="evaluate one method on one prepared dataset", formatter_class=fmt,
+    pr = sub.add_parser("run", help="evaluate one method on one prepared dataset", formatter_class=fmt, allow_abbrev=False,
                         description="Answer (RAG) or link (EL) every row of a prepared dataset with the checkpoint "
                                     "and the chosen retriever; write predictions.jsonl, metrics.json and plots into "
                                     "RESULTS_DIR and log an MLflow run linked to the training run.")
@@ -120,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-mlflow", action="store_true", help="write results to disk only")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    pc = sub.add_parser("compare", help="side-by-side table + chart of the eval runs of an experiment",
+    pc = sub.add_parser("compare", help="side-by-side table + chart of the eval runs of an experiment", allow_abbrev=False,
                         description="Print the eval runs (tag onegen.stage=eval) of an MLflow experiment as a "
                                     "table and write it as a PNG chart (grouped bars) plus CSV and markdown "
                                     "(same path, .csv / .md).")
@@ -177,9 +181,29 @@ def cmd_run(ns: argparse.Namespace) -> int:
     for name, path in res.files.items():
         say(f"  {name:<12}{path}")
     if res.run_id:
-        say(f"MLflow run  {res.run_id} ({res.tracking_uri})" + (" nested under its training run" if res.nested else ""))
+        say(f"MLflow run  {res.run_id} ({res.tracking_uri})")
         say(f"compare     python -m evaluation compare --experiment {ns.experiment} --tracking-uri {res.tracking_uri}")
+    # Last, and plain: the quickstart shows `[eval]` lines of a stage's output on its console.
+    print(headline_line(ns.method, head), flush=True)
     return 0
+
+
+def _f(v, digits: int = 2) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def headline_line(method: str, head: dict) -> str:
+    """``[eval] onegen: EM 0.80 F1 0.80 R@1 free 1.00 tf 1.00 · 3.04 s/question (n=30)`` (EL: P/R/F1)."""
+    if "el_f1" in head:
+        what = (f"EL F1 {_f(head.get('el_f1'))} P {_f(head.get('el_precision'))} R {_f(head.get('el_recall'))} "
+                f"MD F1 {_f(head.get('el_md_f1'))} R@1 tf {_f(head.get('recall_at_1_tf'))}")
+        unit = "text"
+    else:
+        what = f"EM {_f(head.get('em'))} F1 {_f(head.get('f1'))}"
+        if head.get("recall_at_1_free") is not None or head.get("recall_at_1_tf") is not None:
+            what += f" R@1 free {_f(head.get('recall_at_1_free'))} tf {_f(head.get('recall_at_1_tf'))}"
+        unit = "question"
+    return f"[eval] {method}: {what} · {_f(head.get('s_per_question'), 3)} s/{unit} (n={head.get('n', '?')})"
 
 
 def cmd_compare(ns: argparse.Namespace) -> int:
@@ -194,10 +218,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    apply_offline_defaults()  # before torch/transformers/mlflow are imported (they read these once)
     ns = _parser().parse_args(argv)
     try:
         return {"index": cmd_index, "run": cmd_run, "compare": cmd_compare}[ns.cmd](ns)

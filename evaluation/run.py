@@ -252,8 +252,7 @@ def _tracker(req: EvalRequest, out: Path, task: str, model_dir: Path, mode: str,
     tracker = EvalTracker(req.tracking, uri or "", req.experiment, run_name, tags, train_run_id)
     if req.tracking and tracker.ok:
         log(f"MLflow: run {tracker.run_id} in experiment {req.experiment!r} at {uri}"
-            + (f" (nested under training run {train_run_id})" if tracker.nested else
-               f" (training run {train_run_id} is in another store: linked by tag)" if train_run_id else ""))
+            + (f" (training run {train_run_id}, linked by the tag onegen.train_run_id)" if train_run_id else ""))
     return tracker, uri, train_run_id
 
 

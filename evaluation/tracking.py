@@ -3,16 +3,18 @@
 Where runs go (``resolve_tracking_uri``), first match wins:
 
 * ``--tracking-uri URI`` (a server, ``sqlite:///...``, ``file:...``);
-* ``--tracking-uri train``: the store the checkpoint's *training* run lives in (so the eval run
-  nests under it in the MLflow UI);
+* ``--tracking-uri train``: the store the checkpoint's *training* run lives in (the eval run sits
+  beside it in the same experiment's runs table);
 * ``$MLFLOW_TRACKING_URI``;
 * a sqlite store next to the results: ``sqlite:///<RESULTS_DIR>/../mlflow.db`` (with the default
   ``--out runs/eval/<name>`` every eval run shares ``runs/eval/mlflow.db``, which is also where
   ``compare`` looks by default).
 
-Link to training: the export's ``onegen_config.json`` (or its manifest) records ``mlflow_run_id``.
-It is always kept as the tag ``onegen.train_run_id``; when that run exists in the *same* store,
-``mlflow.parentRunId`` is set too, which is how MLflow nests runs.
+Link to training: the export's ``onegen_config.json`` (or its manifest) records ``mlflow_run_id``,
+kept as the tag ``onegen.train_run_id``. Eval runs are never nested (``mlflow.parentRunId``): the
+runs table folds child runs under their parent, which hid every evaluation behind its training run.
+The experiment is created as a machine-learning one (``pipeline.tracking.ensure_experiment``), so
+the UI opens on its runs table (``ui_url``), not on MLflow 3's empty GenAI overview.
 
 Tracking never kills an evaluation: when MLflow fails the user is told once and the results stay
 on disk (``predictions.jsonl``, ``metrics.json``).
@@ -27,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.tracking import probe_server
+from pipeline.tracking import ensure_experiment, probe_server
 
 EVAL_STAGE = "eval"
 TAG_STAGE = "onegen.stage"
@@ -38,7 +40,6 @@ TAG_MODE = "onegen.mode"
 TAG_TASK = "onegen.task"
 TAG_TRAIN_RUN = "onegen.train_run_id"
 TAG_TRAIN_STORE = "onegen.train_tracking_uri"
-TAG_PARENT = "mlflow.parentRunId"
 
 
 def sqlite_uri(db: str | Path) -> str:
@@ -117,7 +118,7 @@ class EvalTracker:
         self.ok = False
         self.run_id: str | None = None
         self.experiment_id: str | None = None
-        self.nested = False
+        self.nested = False  # never: eval runs are top-level runs (see the module docstring)
         self._client = None
         if not enabled:
             return
@@ -135,22 +136,12 @@ class EvalTracker:
             if db is not None:
                 db.parent.mkdir(parents=True, exist_ok=True)
             client = MlflowClient(tracking_uri=uri)
-            exp = client.get_experiment_by_name(experiment)
-            if exp is not None:
-                self.experiment_id = exp.experiment_id
-            else:
-                # A sqlite store keeps its artifacts beside it (not in ./mlruns of whatever cwd).
-                art = (db.parent / "mlartifacts").resolve().as_uri() if db is not None else None
-                self.experiment_id = client.create_experiment(experiment, artifact_location=art)
+            # A sqlite store keeps its artifacts beside it (not in ./mlruns of whatever cwd).
+            art = (db.parent / "mlartifacts").resolve().as_uri() if db is not None else None
+            self.experiment_id = ensure_experiment(client, experiment, art)
             tags = dict(tags)
             if train_run_id:
                 tags[TAG_TRAIN_RUN] = train_run_id
-                try:
-                    client.get_run(train_run_id)  # raises when the training run is not in this store
-                    tags[TAG_PARENT] = train_run_id
-                    self.nested = True
-                except Exception:
-                    pass
             run = client.create_run(self.experiment_id, run_name=run_name, tags=tags)
             self.run_id = run.info.run_id
             self._client = client

@@ -5,8 +5,12 @@ ranks) → evaluate OneGen, two-pass, pipeline and no-retrieval on held-out ques
     bash scripts/quickstart.sh --small         # a reduced run (the CI test uses it)
     bash scripts/quickstart.sh --preset smollm2   # SmolLM2-135M (offline GGUF) instead of a tiny Llama
 
-Every stage writes into ``--out`` (default ``runs/quickstart``) and is skipped when its output is
-complete, so a rerun is cheap and an interrupted run resumes (training from its last checkpoint).
+Every stage writes into ``--out`` (default ``runs/quickstart``) and records the options it ran with
+(``quickstart_stage.json`` next to its output: its command, the options, the fingerprints of its
+inputs' manifests). A rerun reuses a finished stage whose options are the same ("done before, same
+options"), reruns one whose options changed (and every stage downstream of it), and refuses to
+replace a trained model: a training stage asked for other options stops with the reason and the
+fix, before anything is deleted. An interrupted run resumes (training from its last checkpoint).
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
+
+from onegen.environment import apply_offline_defaults
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,11 +67,7 @@ METHODS = [
 
 def _env() -> dict:
     env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
-    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    apply_offline_defaults(env)
     env["PYTHONUNBUFFERED"] = "1"
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -84,8 +88,8 @@ def _run(cmd: list[str], log_path: Path, title: str) -> None:
         for line in proc.stdout:  # text mode: a progress bar's "\r" updates arrive as lines too
             log.write(line)
             text = line.rstrip("\n")
-            if _worth_showing(line):
-                sys.stdout.write(("\n" if bar_open else "") + "    " + text[-200:] + "\n")
+            if _worth_showing(line):  # whole: a cut line lost the beginning of its model path
+                sys.stdout.write(("\n" if bar_open else "") + "    " + text + "\n")
                 bar_open = False
             elif _is_progress(text) and time.time() - last_bar >= (1.0 if tty else PROGRESS_EVERY_S):
                 # long stages (SmolLM2 training: minutes per bar) show their bar: in place on a
@@ -119,9 +123,162 @@ def _torchrun(ranks: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
 
 
+# ---- stages and their reuse -----------------------------------------------------------------------
+
+STAGE_RECORD = "quickstart_stage.json"
+
+
+@dataclass
+class Stage:
+    """One step of the quickstart and what decides whether its finished output can be reused."""
+    name: str  # world, train-onegen, eval-onegen, compare, ...
+    title: str  # the console's heading
+    cmd: list[str]
+    out: Path  # what the stage writes: a directory (removed before a rerun with other options) or a file
+    done: list[Path]  # exist once it has finished
+    inputs: list[Path] = field(default_factory=list)  # other stages' output dirs it reads (manifest fingerprints)
+    options: dict = field(default_factory=dict)  # the user's options that shape it, by flag: {"--steps": 300}
+    keep: bool = False  # other options refuse instead of replacing the output (a trained model)
+    file: bool = False  # ``out`` is a file (its record lies beside it, it is overwritten, not removed)
+
+    @property
+    def record(self) -> Path:
+        return self.out.parent / f"{self.name}.{STAGE_RECORD}" if self.file else self.out / STAGE_RECORD
+
+
+def _fingerprint(d: Path) -> str | None:
+    """A stage output's identity: its manifest's content fingerprint (None while it has none)."""
+    try:
+        man = json.loads((d / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return str(man.get("fingerprint") or man)
+
+
+class _Paths:
+    """The command line minus the paths that do not matter (where --out, the checkout and python are)."""
+
+    def __init__(self, out: Path):
+        # python first: it lies in the checkout
+        self.subs = [(sys.executable, "python"), (str(out), "<out>"), (str(ROOT), "<repo>")]
+
+    def __call__(self, text: str) -> str:
+        for path, name in self.subs:
+            text = text.replace(path, name)
+        return text
+
+
+def _current(st: Stage, rel: _Paths) -> dict:
+    return {"stage": st.name, "options": st.options, "command": [rel(c) for c in st.cmd],
+            "inputs": {rel(str(i)): _fingerprint(i) for i in st.inputs}}
+
+
+def _read_record(st: Stage) -> dict | None:
+    try:
+        return json.loads(st.record.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _same(rec: dict | None, cur: dict) -> bool:
+    return rec is not None and all(rec.get(k) == cur[k] for k in ("options", "command", "inputs"))
+
+
+def _flag(k: str, v) -> str:
+    return k if v is True else f"no {k}" if v is False else f"{k} {v}"
+
+
+def _why_changed(st: Stage, rec: dict | None, cur: dict, upstream: list[str]) -> str:
+    """``train-onegen was run with --steps 300; this run asks for 10`` (or what else differs)."""
+    if rec is None:
+        return f"{st.name} holds the output of a run that did not record its options (an older quickstart)"
+    old, new = rec.get("options", {}), cur["options"]
+    keys = [k for k in {**old, **new} if old.get(k) != new.get(k)]
+    if keys:
+        was = ", ".join(_flag(k, old.get(k)) for k in keys)
+        now = (str(new.get(keys[0])) if len(keys) == 1 and not isinstance(new.get(keys[0]), bool)
+               else ", ".join(_flag(k, new.get(k)) for k in keys))
+        return f"{st.name} was run with {was}; this run asks for {now}"
+    if upstream or rec.get("inputs") != cur["inputs"]:
+        names = upstream or [k for k in cur["inputs"] if rec.get("inputs", {}).get(k) != cur["inputs"][k]]
+        return f"{st.name} was run on another {', '.join(names)} (it is produced again by this run)"
+    removed = [c for c in rec.get("command", []) if c not in cur["command"]]
+    added = [c for c in cur["command"] if c not in rec.get("command", [])]
+    return f"{st.name} was run with another command (was: {' '.join(removed) or '-'}; now: {' '.join(added) or '-'})"
+
+
+def _shown(p: Path) -> str:
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+def _plan(stages: list[Stage], rel: _Paths) -> dict[str, str | None]:
+    """Per stage: None (reuse or resume) or why it is run again; refuses, before anything is touched,
+    when a stage that must be kept (training) would have to be replaced."""
+    replaced: list[Path] = []  # outputs this run writes anew: whatever reads them runs again too
+    resumed: list[Path] = []  # outputs of interrupted stages, finished now with the same options
+    plan, refusals = {}, []
+    under = lambda i, outs: any(i == r or r in i.parents for r in outs)  # noqa: E731
+    for st in stages:
+        rec, cur = _read_record(st), _current(st, rel)
+        upstream = [rel(str(i)) for i in st.inputs if under(i, replaced)]
+        # an input still being finished is judged when this stage's turn comes (_run_stages)
+        pending = {rel(str(i)) for i in st.inputs if under(i, resumed)}
+        if rec is not None and pending:
+            cur["inputs"].update({k: rec.get("inputs", {}).get(k) for k in pending})
+        had_output = st.out.exists() and (st.out.is_file() or any(st.out.iterdir()))
+        if _same(rec, cur) and not upstream:
+            plan[st.name] = None
+            if not (rec.get("finished") and all(p.exists() for p in st.done)):
+                resumed.append(st.out)
+            continue
+        plan[st.name] = _why_changed(st, rec, cur, upstream) if (rec is not None or had_output) else "first run"
+        replaced.append(st.out)
+        if st.keep and plan[st.name] != "first run":
+            refusals.append(f"{plan[st.name]}: use another --out or delete {_shown(st.out)}")
+    if refusals:
+        raise SystemExit("error: " + "\nerror: ".join(refusals) + "\n(nothing was changed: a trained model is "
+                         "never replaced silently)")
+    return plan
+
+
+def _run_stages(stages: list[Stage], out: Path) -> None:
+    """Run each stage in order, reusing those done before with the same options (see the docstring)."""
+    rel = _Paths(out)
+    plan = _plan(stages, rel)
+    for st in stages:
+        rec, cur = _read_record(st), _current(st, rel)  # inputs as they are now, after the stages before
+        finished = bool(rec and rec.get("finished")) and all(p.exists() for p in st.done)
+        if _same(rec, cur) and finished and plan[st.name] is None:
+            print(f"\n==> {st.title}: done before, same options ({_shown(st.out)})", flush=True)
+            continue
+        why = plan[st.name] if plan[st.name] is not None else None if _same(rec, cur) else _why_changed(st, rec, cur, [])
+        if why is not None and why != "first run":
+            if st.keep:
+                raise SystemExit(f"error: {why}: use another --out or delete {_shown(st.out)}")
+            print(f"\n==> {st.name}: {why}: running it again", flush=True)
+            if not st.file and st.out.is_dir() and out in st.out.parents:
+                shutil.rmtree(st.out)
+        st.record.parent.mkdir(parents=True, exist_ok=True)
+        st.record.write_text(json.dumps({**cur, "finished": False}, indent=2))
+        _run(st.cmd, out / "logs" / f"{st.name}.log", st.title)
+        st.record.write_text(json.dumps({**cur, "finished": True}, indent=2))
+
+
+def _effective_steps(recipe: Path, overrides: list[str]) -> int | None:
+    """The training steps a run asks for: the last optim.max_steps= override, else the recipe's."""
+    for o in reversed(overrides):
+        if o.startswith("optim.max_steps="):
+            return int(o.split("=", 1)[1])
+    return (yaml.safe_load(recipe.read_text()) or {}).get("optim", {}).get("max_steps")
+
+
 def main(argv: list[str] | None = None) -> int:
+    apply_offline_defaults()  # this process too (its own imports), as scripts/env.sh does for the shell
     p = argparse.ArgumentParser(prog="scripts/quickstart.sh", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--out", default="runs/quickstart", help="where everything goes")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="tiny Llama (default) or SmolLM2-135M")
     p.add_argument("--small", action="store_true", help="a reduced run: minutes, for CI")
@@ -146,48 +303,74 @@ def main(argv: list[str] | None = None) -> int:
     # 1. data
     world_args = SMALL["world"] if ns.small else preset.world
     tokenizer = ["tokenizer=smollm2"] if ns.preset == "smollm2" else []
-    _run([sys.executable, "-m", "data_prep", "world", "--out", str(world), *world_args, *tokenizer],
-         out / "logs" / "prep.log", "1/4 generate the synthetic world and prepare it (roles, mined negatives, Arrow shards)")
+    stages = [Stage("world", "1/4 generate the synthetic world and prepare it (roles, mined negatives, Arrow shards)",
+                    [sys.executable, "-m", "data_prep", "world", "--out", str(world), *world_args, *tokenizer], world,
+                    done=[world / s / "manifest.json" for s in ("rag_train", "rag_dev", "el_train", "el_dev")],
+                    options={"--preset": ns.preset, "--small": ns.small})]
 
     # 2. training: OneGen and the git baseline, real DeepSpeed ZeRO-3 on CPU ranks
     train_over = preset.extra_train + (SMALL["train"] + [f"optim.max_steps={SMALL['steps']}"] if ns.small else [])
     if ns.steps is not None:
         train_over.append(f"optim.max_steps={ns.steps}")
+    # what decides a trained model: a changed one is refused, never silently replaced (Stage.keep)
+    train_options = {"--preset": ns.preset, "--small": ns.small, "--ranks": ns.ranks,
+                     "--steps": _effective_steps(ROOT / preset.recipe, train_over)}
     for mode in ("onegen", "git"):
         run_dir = out / f"train-{mode}"
-        summary = run_dir / "summary.json"
-        if summary.exists() and (run_dir / "model" / "manifest.json").exists():
-            print(f"\n==> 2/4 train {mode}: done before ({run_dir})")
-            continue
-        _run([*_torchrun(ns.ranks), str(ROOT / "pipeline" / "train.py"), "--config", str(ROOT / preset.recipe),
-              f"data.train=[{world / 'rag_train'}]", f"data.eval=[{world / 'rag_dev'}]", f"output_dir={run_dir}",
-              f"loss.mode={mode}", f"mlflow_tracking_uri={uri}", f"mlflow_experiment={experiment}",
-              f"run_name=train-{mode}", *train_over],
-             out / "logs" / f"train-{mode}.log", f"2/4 train {mode} ({ns.ranks} DeepSpeed ZeRO-3 ranks on CPU)")
+        stages.append(Stage(
+            f"train-{mode}", f"2/4 train {mode} ({ns.ranks} DeepSpeed ZeRO-3 ranks on CPU)",
+            [*_torchrun(ns.ranks), str(ROOT / "pipeline" / "train.py"), "--config", str(ROOT / preset.recipe),
+             f"data.train=[{world / 'rag_train'}]", f"data.eval=[{world / 'rag_dev'}]", f"output_dir={run_dir}",
+             f"loss.mode={mode}", f"mlflow_tracking_uri={uri}", f"mlflow_experiment={experiment}",
+             f"run_name=train-{mode}", *train_over],
+            run_dir, done=[run_dir / "summary.json", run_dir / "model" / "manifest.json"],
+            inputs=[world / "rag_train", world / "rag_dev"], options=train_options, keep=True))
 
     # 3. evaluation on the held-out split (entities never seen in training)
     for label, ckpt, method in METHODS:
         res = out / "eval" / label
-        if (res / "metrics.json").exists():
-            print(f"\n==> 3/4 evaluate {label}: done before ({res})")
-            continue
-        _run([sys.executable, "-m", "evaluation", "run", "--model", str(out / f"train-{ckpt}" / "model"),
-              "--data", str(world / "rag_dev"), "--method", method, "--out", str(res), "--max-examples", str(n_eval),
-              "--tracking-uri", uri, "--experiment", experiment, "--run-name", f"eval-{label}"],
-             out / "logs" / f"eval-{label}.log", f"3/4 evaluate {label} (checkpoint: {ckpt})")
+        stages.append(Stage(
+            f"eval-{label}", f"3/4 evaluate {label} (checkpoint: {ckpt})",
+            [sys.executable, "-m", "evaluation", "run", "--model", str(out / f"train-{ckpt}" / "model"),
+             "--data", str(world / "rag_dev"), "--method", method, "--out", str(res), "--max-examples", str(n_eval),
+             "--tracking-uri", uri, "--experiment", experiment, "--run-name", f"eval-{label}"],
+            res, done=[res / "metrics.json", res / "manifest.json"],
+            inputs=[out / f"train-{ckpt}" / "model", world / "rag_dev"], options={"--eval-examples": n_eval}))
 
     # 4. the comparison
-    _run([sys.executable, "-m", "evaluation", "compare", "--experiment", experiment, "--tracking-uri", uri,
-          "--out", str(out / "comparison.png")], out / "logs" / "compare.log", "4/4 compare the runs")
+    stages.append(Stage("compare", "4/4 compare the runs",
+                        [sys.executable, "-m", "evaluation", "compare", "--experiment", experiment, "--tracking-uri", uri,
+                         "--out", str(out / "comparison.png")], out / "comparison.png", done=[out / "comparison.png"],
+                        inputs=[out / "eval" / label for label, _, _ in METHODS], file=True))
+    _run_stages(stages, out)
     table = (out / "comparison.md")
     rows = {label: json.loads((out / "eval" / label / "metrics.json").read_text()) for label, _, _ in METHODS}
     _write_summary(out, rows, time.time() - t_start, ns)
     print("\n" + (out / "summary.md").read_text())
     print(f"Plots: {out / 'comparison.png'}, {out / 'train-onegen' / 'training_curves.png'}, "
           f"{out / 'train-git' / 'training_curves.png'}" + (f"\nTable: {table}" if table.exists() else ""))
-    print(f"Open MLflow:  .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   "
-          f"(then http://127.0.0.1:5000, experiment '{experiment}')")
+    _print_mlflow(uri, experiment)
     return 0
+
+
+def _print_mlflow(uri: str, experiment: str) -> None:
+    print(f"Open MLflow:  .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000\n"
+          f"then:         {_mlflow_url(uri, experiment)}\n"
+          f"              (experiment '{experiment}': every training and evaluation run; columns onegen.method, "
+          f"onegen.dataset, em, recall_at_1_free)")
+
+
+def _mlflow_url(uri: str, experiment: str, host: str = "127.0.0.1", port: int = 5000) -> str:
+    """The experiment's runs table in MLflow 3.17's UI (hash routes). ``workflowType=machine_learning``
+    switches its global GenAI/ML toggle, which otherwise opens on an empty GenAI overview."""
+    try:
+        from mlflow import MlflowClient
+
+        exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
+    except Exception:  # noqa: BLE001 - only a hint: the command above still opens the store
+        exp = None
+    base = f"http://{host}:{port}"
+    return f"{base}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" if exp else base
 
 
 def _fmt(v) -> str:

@@ -375,8 +375,13 @@ def _evaluate(run: Run) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from onegen.environment import apply_offline_defaults  # here, not at the top: main() is this script's to change
+
+    # Before DeepSpeed is imported and builds its ops (into the checkout's cache, not ~/.cache) and
+    # before transformers reads the hub variables; torch, imported above, reads none of them.
+    apply_offline_defaults()
     parser = argparse.ArgumentParser(prog="pipeline/train.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--config", help="YAML recipe (configs/*.yaml)")
     parser.add_argument("--help-config", action="store_true", help="list every config field and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

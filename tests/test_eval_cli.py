@@ -131,14 +131,15 @@ def test_run_writes_predictions_metrics_plots(runs, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_run_is_an_mlflow_run_nested_under_training(env, runs, method):
+def test_run_is_a_top_level_mlflow_run_linked_to_training(env, runs, method):
     client = env["client"]
     run = client.get_run(_run_id(runs[method]))
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
     assert run.info.status == "FINISHED"
     assert tags["onegen.stage"] == "eval" and tags["onegen.method"] == method and tags["onegen.dataset"] == "rag_dev"
     assert tags["onegen.model"] == "linked/model" and tags["onegen.mode"] == "onegen"
-    assert tags["onegen.train_run_id"] == env["train_run"] and tags["mlflow.parentRunId"] == env["train_run"]
+    # Linked by tag, not nested: the runs table folds child runs under their parent (they were hidden there).
+    assert tags["onegen.train_run_id"] == env["train_run"] and "mlflow.parentRunId" not in tags
     assert params["method"] == method and params["setting"] == "distractor" and params["checkpoint_mode"] == "onegen"
     assert len(params["model_fingerprint"]) == 64 and len(params["data_fingerprint"]) == 64
     assert params["gen.batch_size"] == "2"  # the questions were decoded two at a time
@@ -161,7 +162,7 @@ def test_entity_linking_run(env, runs, capsys):
     assert len(lines) == 2 and all({"question", "generated_text", "predictions", "gold", "links"} <= set(d) for d in lines)
     assert (out / "index" / "manifest.json").is_file()  # the [SE] entity index, built on the fly
     run = env["client"].get_run(_run_id(out))
-    # The checkpoint's training run is not in this store: linked by tag, not nested.
+    # The checkpoint's training run is not in this store: linked by tag all the same.
     assert run.data.tags["onegen.train_run_id"] == "0" * 32 and "mlflow.parentRunId" not in run.data.tags
     assert run.data.tags["onegen.dataset"] == "el_dev" and "el_f1" in run.data.metrics
     assert run.data.params["link.batch_size"] == "2"  # both texts decoded together
@@ -210,7 +211,7 @@ def test_refuses_index_of_another_checkpoint(env, other_model, capsys):  # noqa:
 
 
 @pytest.mark.slow
-def test_trained_checkpoint_nests_under_its_real_training_run(trained_model, world, tmp_path):  # noqa: F811
+def test_trained_checkpoint_links_to_its_real_training_run(trained_model, world, tmp_path):  # noqa: F811
     from mlflow.tracking import MlflowClient
 
     cfg = json.loads((trained_model / "onegen_config.json").read_text())
@@ -219,5 +220,34 @@ def test_trained_checkpoint_nests_under_its_real_training_run(trained_model, wor
                  "--max-new-tokens", "12", "--tracking-uri", "train", "--out", str(tmp_path / "r"), "--quiet"]) == 0
     store = f"sqlite:///{(trained_model.parent / 'mlflow.db').resolve()}"
     run = MlflowClient(tracking_uri=store).get_run(_run_id(tmp_path / "r"))
-    assert run.data.tags["mlflow.parentRunId"] == cfg["mlflow_run_id"] == run.data.tags["onegen.train_run_id"]
+    assert cfg["mlflow_run_id"] == run.data.tags["onegen.train_run_id"] and "mlflow.parentRunId" not in run.data.tags
     assert run.data.tags["onegen.mode"] == cfg["mode"]
+
+
+def test_a_run_ends_with_its_headline_line(env, capsys):
+    """The quickstart shows `[eval]` lines of each evaluation: the metrics, as each method finishes."""
+    assert main(["run", "--model", str(env["linked"]), "--data", str(env["world"] / "rag_dev"), "--method", "onegen",
+                 "--max-examples", "2", "--max-new-tokens", "6", "--force-retrieval-every", "3", "--max-hops", "1",
+                 "--no-mlflow", "--quiet", "--out", str(env["base"] / "headline")]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    head = json.loads((env["base"] / "headline" / "metrics.json").read_text())["headline"]
+    assert last == (f"[eval] onegen: EM {head['em']:.2f} F1 {head['f1']:.2f} R@1 free {head['recall_at_1_free']:.2f} "
+                    f"tf {head['recall_at_1_tf']:.2f} · {head['s_per_question']:.3f} s/question (n=2)")
+
+
+def test_headline_line_of_entity_linking_and_no_retrieval():
+    from evaluation.cli import headline_line
+
+    el = {"el_f1": 0.5, "el_precision": 0.25, "el_recall": 1.0, "el_md_f1": 0.75, "recall_at_1_tf": 1.0,
+          "s_per_question": 0.5, "n": 4}
+    assert headline_line("onegen", el) == "[eval] onegen: EL F1 0.50 P 0.25 R 1.00 MD F1 0.75 R@1 tf 1.00 · 0.500 s/text (n=4)"
+    rag = {"em": 0.1, "f1": 0.15, "recall_at_1_free": None, "recall_at_1_tf": None, "s_per_question": 4.7, "n": 30}
+    assert headline_line("no-retrieval", rag) == "[eval] no-retrieval: EM 0.10 F1 0.15 · 4.700 s/question (n=30)"
+
+
+def test_eval_experiment_opens_on_its_runs_table(env, runs):
+    """The store's experiment (created without a kind by the fixture) is marked a machine-learning one."""
+    exp = env["client"].get_experiment_by_name("onegen")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    top = env["client"].search_runs([exp.experiment_id], filter_string="tags.`onegen.stage` = 'eval'")
+    assert len(top) >= 6 and all("mlflow.parentRunId" not in r.data.tags for r in top)

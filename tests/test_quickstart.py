@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from onegen import quickstart
 from tests.train_fixtures import ROOT, env
-
-pytestmark = pytest.mark.slow
 
 METHODS = ["onegen", "two-pass", "pipeline-bm25", "pipeline-minilm", "no-retrieval"]
 
 
+@pytest.mark.slow
 def test_quickstart_small_end_to_end(tmp_path):
     out = tmp_path / "qs"
     cmd = [sys.executable, "-m", "onegen.quickstart", "--small", "--out", str(out)]
@@ -43,10 +44,38 @@ def test_quickstart_small_end_to_end(tmp_path):
     assert all(r.info.status == "FINISHED" for r in runs)
     for plot in ("comparison.png", "train-onegen/training_curves.png", "train-git/training_curves.png"):
         assert (out / plot).stat().st_size > 1000, plot
-    # a rerun reuses every finished stage
+    # each evaluation's headline metrics, as it finishes, whole lines (the model path keeps its beginning)
+    for m in METHODS:
+        assert any(line.strip().startswith(f"[eval] {m}: EM ") for line in p.stdout.splitlines()), m
+    assert f"[train] model: {out / 'train-onegen' / 'model'}" in p.stdout
+    # MLflow opens on the runs table: a machine-learning experiment, eval runs top-level, the URL printed
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning" in p.stdout
+    evals = [r for r in runs if r.info.run_name.startswith("eval-")]
+    assert all("mlflow.parentRunId" not in r.data.tags and r.data.tags["onegen.train_run_id"] for r in evals)
+    assert {r.data.tags["onegen.method"] for r in evals} == set(METHODS)
+
+    # a rerun with the same options reuses every stage: no command runs
     again = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and again.stdout.count("done before") >= 7
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("done before, same options") == 9 and "    $ " not in again.stdout, again.stdout[-3000:]
     assert json.loads((out / "summary.json").read_text())["methods"].keys() >= set(METHODS)
+
+    # other --eval-examples: the evaluations (and the comparison) run again, training is reused
+    fewer = subprocess.run(cmd + ["--eval-examples", "4"], cwd=ROOT, env=env(), capture_output=True, text=True,
+                           timeout=1200)
+    assert fewer.returncode == 0, fewer.stdout[-3000:] + fewer.stderr[-3000:]
+    assert fewer.stdout.count("done before, same options") == 3  # world, train-onegen, train-git
+    assert "eval-onegen was run with --eval-examples 6; this run asks for 4: running it again" in fewer.stdout
+    assert all(json.loads((out / "eval" / m / "metrics.json").read_text())["headline"]["n"] == 4 for m in METHODS)
+
+    # other --steps: refused, naming the option and the fix, before anything is touched
+    model_fp = json.loads((out / "train-onegen" / "model" / "manifest.json").read_text())["fingerprint"]
+    more = subprocess.run(cmd + ["--steps", "3"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert more.returncode != 0
+    assert "train-onegen was run with --steps 6; this run asks for 3: use another --out or delete" in more.stderr
+    assert "    $ " not in more.stdout
+    assert json.loads((out / "train-onegen" / "model" / "manifest.json").read_text())["fingerprint"] == model_fp
 
 
 def test_quickstart_rejects_bad_steps_before_doing_anything(tmp_path):
@@ -55,3 +84,86 @@ def test_quickstart_rejects_bad_steps_before_doing_anything(tmp_path):
                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--steps must be >= 1, got 0" in r.stderr
     assert not out.exists()
+
+
+# ---- reuse: a stage is reused only with the same options (fake stages: each a python -c) ------------
+
+_WRITE = ("import json, sys, pathlib; d = pathlib.Path(sys.argv[1]); d.mkdir(parents=True, exist_ok=True); "
+          "(d / 'manifest.json').write_text(json.dumps({'fingerprint': sys.argv[2]})); "
+          "open(sys.argv[3], 'a').write(d.name + '\\n')")
+
+
+def _stages(out: Path, steps: int = 10, examples: int = 5, world: str = "w1") -> list:
+    """world -> train (kept: refuses to be replaced) -> eval -> compare, as the quickstart chains them."""
+    ran = str(out / "ran.txt")
+
+    def st(name, d, fp, inputs, options, keep=False):
+        cmd = [sys.executable, "-c", _WRITE, str(d), fp, ran]
+        return quickstart.Stage(name, f"stage {name}", cmd, d, done=[d / "manifest.json"], inputs=inputs,
+                                options=options, keep=keep)
+
+    return [st("world", out / "world", world, [], {"--small": True}),
+            st("train-onegen", out / "train-onegen", f"model-{steps}", [out / "world"], {"--steps": steps}, keep=True),
+            st("eval-onegen", out / "eval" / "onegen", f"eval-{examples}", [out / "train-onegen"],
+               {"--eval-examples": examples}),
+            st("compare", out / "cmp", "cmp", [out / "eval" / "onegen"], {})]
+
+
+def _ran(out: Path) -> list[str]:
+    p = out / "ran.txt"
+    names = p.read_text().split() if p.exists() else []
+    p.unlink(missing_ok=True)
+    return names
+
+
+def test_a_rerun_reuses_only_stages_with_the_same_options(tmp_path, capsys):
+    out = tmp_path / "qs"
+    quickstart._run_stages(_stages(out), out)
+    assert _ran(out) == ["world", "train-onegen", "onegen", "cmp"]
+    record = json.loads((out / "train-onegen" / quickstart.STAGE_RECORD).read_text())
+    assert record["options"] == {"--steps": 10} and record["finished"] and record["inputs"] == {"<out>/world": "w1"}
+    assert all(str(out) not in c for c in record["command"])  # where --out lies does not matter
+
+    capsys.readouterr()
+    quickstart._run_stages(_stages(out), out)
+    assert _ran(out) == [] and capsys.readouterr().out.count("done before, same options") == 4
+
+    # another number of eval examples: the evaluation and what reads it run again, training is reused
+    (out / "eval" / "onegen" / "stale.txt").write_text("from the old run")
+    quickstart._run_stages(_stages(out, examples=7), out)
+    assert _ran(out) == ["onegen", "cmp"]
+    assert "eval-onegen was run with --eval-examples 5; this run asks for 7: running it again" in capsys.readouterr().out
+    assert not (out / "eval" / "onegen" / "stale.txt").exists()  # the old output is removed first
+
+
+def test_a_trained_model_is_never_replaced_silently(tmp_path):
+    out = tmp_path / "qs"
+    quickstart._run_stages(_stages(out), out)
+    _ran(out)
+    with pytest.raises(SystemExit) as e:
+        quickstart._run_stages(_stages(out, steps=3), out)
+    msg = str(e.value)
+    assert "train-onegen was run with --steps 10; this run asks for 3: use another --out or delete" in msg
+    assert str(out / "train-onegen") in msg or "qs/train-onegen" in msg
+    # the world would change under the trained model: refused before the world is touched
+    with pytest.raises(SystemExit) as e:
+        quickstart._run_stages(_stages(out, world="w2"), out)
+    assert "train-onegen was run on another <out>/world" in str(e.value)
+    assert _ran(out) == [] and json.loads((out / "world" / "manifest.json").read_text())["fingerprint"] == "w1"
+
+
+def test_an_interrupted_stage_with_the_same_options_resumes_in_place(tmp_path):
+    out = tmp_path / "qs"
+    stages = _stages(out)
+    quickstart._run_stages(stages, out)
+    _ran(out)
+    (out / "train-onegen" / "manifest.json").unlink()  # killed before the export
+    (out / "train-onegen" / "checkpoint").write_text("kept")
+    quickstart._run_stages(_stages(out), out)
+    assert _ran(out) == ["train-onegen"] and (out / "train-onegen" / "checkpoint").exists()
+
+
+def test_effective_steps_reads_the_recipe_unless_overridden():
+    recipe = ROOT / "configs" / "tiny-cpu.yaml"
+    assert quickstart._effective_steps(recipe, []) == 300
+    assert quickstart._effective_steps(recipe, ["optim.max_steps=6", "x=1", "optim.max_steps=10"]) == 10

@@ -1,10 +1,15 @@
-"""The README's commands exist and parse: the two set-up commands, and every CLI it shows answers --help."""
+"""The README's commands exist and parse (the two set-up commands, every CLI it shows answers --help),
+and every command of its ```bash blocks works, in order, after the quickstart (slow)."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from tests.train_fixtures import ROOT, env
 
@@ -34,3 +39,71 @@ def test_every_recipe_and_file_the_readme_names_exists():
     for path in set(re.findall(r"\b((?:configs|ds_configs|docs|slurm|bench|scripts)/[\w.\-]+\.(?:yaml|json|md|sh|py))\b", README)):
         if "*" not in path:
             assert (ROOT / path).exists(), path
+
+
+# ---- every command of the README's ```bash blocks, in order, after the quickstart ----------------
+
+# What is not run, and why. Every rule must match at least one README line (a stale rule fails).
+# (`mlflow ui`, a server that runs until stopped, is named in the prose only, not in a block.)
+SKIP = [
+    (re.compile(r"^bash scripts/quickstart\.sh"), "the quickstart: the test ran it first (--preset tiny --small)"),
+    (re.compile(r"^bash scripts/test\.sh"), "the whole test suite, which this test is part of"),
+    (re.compile(r"^deepspeed --num_gpus"), "a launcher for GPUs"),
+    (re.compile(r"^sbatch "), "a launcher for a SLURM cluster"),
+    (re.compile(r"^python bench/efficiency\.py"), "a bench sweep of minutes (tests/test_efficiency_bench.py runs --quick)"),
+    (re.compile(r"--from-hub"), "downloads from the Hugging Face hub"),
+    (re.compile(r"--input (hotpot_train_v1\.1\.json|dev\.json|kore50\.benchmark\.jsonl|train\.jsonl) "),
+     "reads a benchmark file the user downloads (not shipped)"),
+]
+# The checkout's folders the commands name by relative path (configs/..., pipeline/train.py, ...).
+LINKED = ("configs", "ds_configs", "pipeline", "bench", "slurm", "scripts")
+
+
+def readme_commands() -> list[tuple[str, str | None]]:
+    """(command, why it is skipped or None) for every line of every ```bash block, in order."""
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", README, flags=re.S):
+        for line in block.splitlines():
+            cmd = re.sub(r"\s+#.*$", "", line).strip()
+            if cmd and not cmd.startswith("#"):
+                out.append((cmd, next((why for rx, why in SKIP if rx.search(cmd)), None)))
+    return out
+
+
+def test_readme_commands_are_parsed_and_every_skip_rule_is_used():
+    cmds = readme_commands()
+    run = [c for c, why in cmds if why is None]
+    assert any(c.startswith("python -m data_prep world") for c in run)
+    assert any(c.startswith("python pipeline/train.py --config configs/tiny-cpu.yaml") for c in run)
+    assert sum(c.startswith(("python -m evaluation", "for m in")) for c in run) >= 4
+    for rx, why in SKIP:
+        assert any(rx.search(c) for c, _ in cmds), f"skip rule {rx.pattern!r} ({why}) matches no README command"
+
+
+@pytest.mark.slow
+def test_every_readme_command_works_in_order_after_the_quickstart(tmp_path):
+    """The quickstart (reduced), then each command of the README from a directory laid out like the
+    checkout (its folders linked), so that `runs/...` lands in tmp. Run without scripts/env.sh: the
+    entry points set the offline environment themselves."""
+    work = tmp_path / "checkout"
+    work.mkdir()
+    for d in LINKED:
+        (work / d).symlink_to(ROOT / d)
+    e = {k: v for k, v in env().items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
+    e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}"  # python, torchrun of this venv
+    e["PYTHONPATH"] = str(ROOT)
+    qs = subprocess.run([sys.executable, "-m", "onegen.quickstart", "--preset", "tiny", "--small",
+                         "--out", str(work / "runs" / "quickstart")], cwd=ROOT, env=e, capture_output=True, text=True,
+                        timeout=3600)
+    assert qs.returncode == 0, qs.stdout[-3000:] + qs.stderr[-3000:]
+    ran, skipped = [], []
+    for cmd, why in readme_commands():
+        if why is not None:
+            skipped.append(f"{cmd[:60]}: {why}")
+            continue
+        p = subprocess.run(["bash", "-c", cmd], cwd=work, env=e, capture_output=True, text=True, timeout=1800)
+        assert p.returncode == 0, f"README command failed ({p.returncode}): {cmd}\n{p.stdout[-3000:]}\n{p.stderr[-4000:]}"
+        ran.append(cmd)
+    print("ran:\n  " + "\n  ".join(ran) + "\nskipped:\n  " + "\n  ".join(skipped))
+    assert (work / "runs" / "tiny-cpu" / "model" / "manifest.json").is_file()
+    assert (work / "runs" / "comparison.png").is_file() and (work / "runs" / "eval" / "no-retrieval" / "metrics.json").is_file()

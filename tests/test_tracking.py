@@ -37,3 +37,42 @@ def test_default_store_is_sqlite_under_the_run(tmp_path):
 
     run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(tracker.run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["loss"] == 2.0
+
+
+def test_experiment_opens_on_the_runs_table_and_eval_runs_are_top_level(tmp_path):
+    """MLflow 3 opens a GenAI experiment on an empty overview and folds child runs under their parent:
+    the experiment is a machine-learning one, and an eval run is a top-level run linked by tag."""
+    from mlflow import MlflowClient
+
+    from evaluation.tracking import TAG_METHOD, TAG_TRAIN_RUN, EvalTracker
+    from pipeline.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    train = Tracker(tmp_path / "train", enabled=True, tracking_uri=uri, experiment="qs", run_name="train-onegen")
+    train.end("FINISHED")
+    ev = EvalTracker(True, uri, "qs", "eval-onegen", {TAG_METHOD: "onegen", "onegen.dataset": "rag_dev"}, train.run_id)
+    ev.log_metrics({"em": 0.8, "recall_at_1_free": 1.0})
+    ev.end("FINISHED")
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("qs")
+    assert exp.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
+    run = client.get_run(ev.run_id)
+    assert "mlflow.parentRunId" not in run.data.tags and not ev.nested
+    assert run.data.tags[TAG_TRAIN_RUN] == train.run_id and run.data.tags[TAG_METHOD] == "onegen"
+    assert run.data.metrics == {"em": 0.8, "recall_at_1_free": 1.0}
+    # both are top-level rows of the runs table
+    top = client.search_runs([exp.experiment_id], filter_string="tags.mlflow.parentRunId IS NULL")
+    assert {r.info.run_id for r in top} == {train.run_id, ev.run_id}
+
+
+def test_an_existing_experiment_without_a_kind_gets_one_and_a_chosen_kind_is_kept(tmp_path):
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import EXPERIMENT_KIND_TAG, ensure_experiment
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    a = client.create_experiment("old")
+    b = client.create_experiment("genai", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    assert ensure_experiment(client, "old") == a and ensure_experiment(client, "genai") == b
+    assert client.get_experiment(a).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert client.get_experiment(b).tags[EXPERIMENT_KIND_TAG] == "genai_development"
