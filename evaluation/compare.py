@@ -6,7 +6,7 @@ artifact), so it works the same against a sqlite store or a server. By default o
 are in the table's order: per dataset and setting, the methods in ``METHOD_ORDER``.
 
 EM, F1 and free-generation Recall@1 come with a 95% bootstrap CI over the questions
-(``evaluation.bootstrap``, from the per-question scores of ``predictions.jsonl``), in the table
+(``onegen.bootstrap``, from the per-question scores of ``predictions.jsonl``), in the table
 ("0.800 [0.667, 0.933]"), the CSV and as error bars in the figure. Teacher-forced Recall@1 has no
 per-question values on disk, hence no interval.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from evaluation.bootstrap import CI, RESAMPLES, SEED, bootstrap_ci, question_values
+from onegen.bootstrap import CI, RESAMPLES, SEED, bootstrap_ci, question_values
 from onegen.errors import ConfigError
 
 # (column header, where it comes from); metrics are MLflow metric names (evaluation.tracking.metric_name)

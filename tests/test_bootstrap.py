@@ -1,4 +1,4 @@
-"""``evaluation.bootstrap``: the percentile-bootstrap CI of a per-question mean (pure, no model)."""
+"""``onegen.bootstrap``: the percentile-bootstrap CI of a per-question mean (pure, no model)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from evaluation.bootstrap import CI, bootstrap_ci, question_values
+from onegen.bootstrap import CI, bootstrap_ci, question_values
 
 
 def _hits(k: int, n: int) -> list[float]:

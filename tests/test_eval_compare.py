@@ -149,7 +149,7 @@ def test_figure_and_table_follow_method_order_with_bootstrap_cis(tmp_path):
     from mlflow.tracking import MlflowClient
     from rich.console import Console
 
-    from evaluation.bootstrap import bootstrap_ci
+    from onegen.bootstrap import bootstrap_ci
     from evaluation.compare import METHOD_ORDER, figure_data
 
     uri = sqlite_uri(tmp_path / "mlflow.db")
