@@ -2,7 +2,7 @@
 two-pass, the BM25/MiniLM pipelines and no-retrieval on held-out questions → MLflow → a table.
 
     bash scripts/quickstart.sh                  # the README's first command: SmolLM2-135M-Instruct (pretrained,
-                                                # offline), ~17 min on 2 idle cores, set-up included
+                                                # offline), ~14 min on 2 idle cores, set-up included
     bash scripts/quickstart.sh --preset tiny    # a 2-layer Llama from scratch: fast, but it cannot copy unseen
                                                 # names (EM 0 for every method)
     bash scripts/quickstart.sh --preset tiny --small   # a reduced run (the CI test uses it)
@@ -306,7 +306,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--out", default="runs/quickstart", help="where everything goes")
     p.add_argument("--preset", choices=sorted(PRESETS), default="smollm2",
-                   help="smollm2 (default): SmolLM2-135M-Instruct, a pretrained LM shipped offline, ~17 min; "
+                   help="smollm2 (default): SmolLM2-135M-Instruct, a pretrained LM shipped offline, ~14 min; "
                         "tiny: a 2-layer Llama from scratch, the CI run (it cannot copy unseen names: EM 0)")
     p.add_argument("--small", action="store_true", help="a reduced run: minutes, for CI")
     p.add_argument("--ranks", type=int, help="DeepSpeed ranks (CPU processes) for training (default: the preset's: "
