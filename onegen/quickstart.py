@@ -84,11 +84,14 @@ PRESETS = {
     "tiny": Preset("configs/tiny-cpu.yaml", [], eval_examples=50, extra_train=["optim.micro_batch_size=4"],
                    methods=GIT_GENERATOR, about="a 2-layer Llama trained from scratch"),
 }
-SMALL = dict(world=["world.n_train_questions=300", "world.n_dev_questions=30", "world.n_train_el=50",
-                    "world.n_dev_el=10", "world.n_train_entities=150", "world.n_dev_entities=40"],
-             steps=6, eval_examples=6,
-             train=["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1", "model.num_heads=2",
-                    "eval_every=0", "checkpoint_every=3", "optim.micro_batch_size=4"])
+# CI's size. Held-out retrieval needs many distinct training names: with 150 entities a small model
+# memorised them (held-out teacher-forced Recall@1 0.15 against BM25's 0.55 after 200 steps); with the
+# full 2,500 (600 questions, 150 steps of a 2-layer h64 model) it reached 0.78 against 0.57 (n=20).
+SMALL = dict(world=["world.n_train_questions=600", "world.n_dev_questions=30", "world.n_train_el=50",
+                    "world.n_dev_el=10", "world.n_train_entities=2500", "world.n_dev_entities=40"],
+             steps=150, eval_examples=20,
+             train=["model.hidden_size=64", "model.intermediate_size=192", "model.num_layers=2", "model.num_heads=4",
+                    "eval_every=0", "checkpoint_every=50", "optim.micro_batch_size=8"])
 
 
 def _env() -> dict:

@@ -22,6 +22,7 @@ def test_quickstart_small_end_to_end(tmp_path):
     p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=1800)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     summary = (out / "summary.md").read_text()
+    tf = {}
     for m in METHODS:
         row = next(line for line in summary.splitlines() if line.startswith(f"| {m} |"))
         cells = [c.strip().split(" [")[0] for c in row.strip("|").split("|")]  # "0.800 [0.68, 0.90]" -> "0.800"
@@ -31,11 +32,13 @@ def test_quickstart_small_end_to_end(tmp_path):
             assert 0.0 <= float(v) <= 1.0, row
         if m != "no-retrieval":  # no retrieval has no Recall@1 by definition
             assert 0.0 <= float(r1) <= 1.0, row
+            tf[m] = float(cells[6])
     assert "mlflow ui --backend-store-uri sqlite:///" in p.stdout
     assert "EM by question type" in summary and "without" in summary
-    # the run can fail: the generation loss fell. (OneGen's teacher-forced Recall@1 above BM25's, which #14
-    # asks for here, is not met at this size: the small world's 150 entities are memorised, in-batch retrieval
-    # reaches 1.0 while held-out stays near 0.15; see the README's "What is not done yet".)
+    # the run can fail: OneGen's own [RQ] state retrieves held-out paragraphs (entities never seen in
+    # training) better than BM25 on the same rows (teacher-forced; 0.78 vs 0.57 when measured), and
+    # the generation loss fell
+    assert tf["onegen"] > tf["pipeline-bm25"], summary
     rows = [json.loads(line) for line in (out / "train-onegen" / "metrics.jsonl").read_text().splitlines()]
     gen = [r["loss_gen"] for r in rows if "loss_gen" in r]
     assert gen[-1] < gen[0], gen
