@@ -69,22 +69,22 @@ def test_quickstart_small_end_to_end(tmp_path):
     # a rerun with the same options reuses every stage: no command runs
     again = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("done before, same options") == 9 and "    $ " not in again.stdout, again.stdout[-3000:]
+    assert again.stdout.count("done before, same options") == 10 and "    $ " not in again.stdout, again.stdout[-3000:]
     assert json.loads((out / "summary.json").read_text())["methods"].keys() >= set(METHODS)
 
     # other --eval-examples: the evaluations (and the comparison) run again, training is reused
     fewer = subprocess.run(cmd + ["--eval-examples", "4"], cwd=ROOT, env=env(), capture_output=True, text=True,
                            timeout=1200)
     assert fewer.returncode == 0, fewer.stdout[-3000:] + fewer.stderr[-3000:]
-    assert fewer.stdout.count("done before, same options") == 3  # world, train-onegen, train-git
-    assert "eval-onegen was run with --eval-examples 6; this run asks for 4: running it again" in fewer.stdout
+    assert fewer.stdout.count("done before, same options") == 4  # world, train-onegen, train-git, index-onegen
+    assert "eval-onegen was run with --eval-examples 20; this run asks for 4: running it again" in fewer.stdout
     assert all(json.loads((out / "eval" / m / "metrics.json").read_text())["headline"]["n"] == 4 for m in METHODS)
 
     # other --steps: refused, naming the option and the fix, before anything is touched
     model_fp = json.loads((out / "train-onegen" / "model" / "manifest.json").read_text())["fingerprint"]
     more = subprocess.run(cmd + ["--steps", "3"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert more.returncode != 0
-    assert "train-onegen was run with --steps 6; this run asks for 3: use another --out or delete" in more.stderr
+    assert "train-onegen was run with --steps 150; this run asks for 3: use another --out or delete" in more.stderr
     assert "    $ " not in more.stdout
     assert json.loads((out / "train-onegen" / "model" / "manifest.json").read_text())["fingerprint"] == model_fp
 
