@@ -23,6 +23,7 @@ lists them all.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from onegen.environment import allow_network, apply_offline_defaults
@@ -81,8 +82,19 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
         raise ConfigError("--only-shards and --finish-only are separate steps: give one of them")
     if cfg.allow_network:  # e.g. `allow_network: true` in the recipe; nothing has imported huggingface_hub yet
         allow_network()
-    prepare(cfg, only_shards=parse_only_shards(ns.only_shards) if ns.only_shards else None, finish_only=ns.finish_only)
+    # One writer per output dir, except the job-array tasks of --only-shards: they share it by design
+    # (each writes only its own shards); --finish-only takes it again.
+    with _dir_lock(cfg.out if not ns.only_shards else ""):
+        prepare(cfg, only_shards=parse_only_shards(ns.only_shards) if ns.only_shards else None,
+                finish_only=ns.finish_only)
     return 0
+
+
+def _dir_lock(out: str) -> contextlib.AbstractContextManager:
+    """The output dir's lock (onegen/runlock.py): a second run on it refuses while this one writes."""
+    from onegen.runlock import DirLock
+
+    return DirLock(out) if out else contextlib.nullcontext()
 
 
 def cmd_inspect(ns: argparse.Namespace) -> int:
@@ -110,7 +122,8 @@ def cmd_world(ns: argparse.Namespace) -> int:
     if ns.tokenizer:
         overrides.append(f"tokenizer={ns.tokenizer}")
     cfg = load_config(WorldPrepConfig, None, overrides + list(ns.overrides))
-    prepare_world(cfg)
+    with _dir_lock(cfg.out):
+        prepare_world(cfg)
     return 0
 
 

@@ -6,6 +6,8 @@ Commands:
   run       one method on one prepared dataset -> RESULTS_DIR (predictions.jsonl, metrics.json,
             plots/) + one MLflow run linked to the checkpoint's training run
   compare   the eval runs of an MLflow experiment side by side (rich table, PNG, CSV, markdown)
+  log       log results dirs whose MLflow run was not logged (--no-mlflow, a dead server, a broken
+            store) from their tracking.json: the same run, linked to its training run
 
 Methods (RAG; the task is read from the prepared dataset's manifest):
   onegen           one pass: the model's own state at [RQ] is the query (no re-encoding)
@@ -29,7 +31,10 @@ the checkpoint's training run, next to it. Eval runs are top-level runs (the run
 not folded under the training run), linked to it by the tag onegen.train_run_id. Tags:
 onegen.stage=eval, onegen.method, onegen.dataset, onegen.model, onegen.mode, onegen.train_run_id;
 metrics em, f1, recall_at_1_free, recall_at_1_tf, s_per_question. The run ends with one line:
-[eval] METHOD: EM .. F1 .. R@1 free .. tf .. · s/question (n=..).
+[eval] METHOD: EM .. F1 .. R@1 free .. tf .. · s/question (n=..). Evaluations started together may
+share one new sqlite store (it is made once, under a lock; a locked store is waited out); across
+nodes use a tracking server (docs/slurm.md). When MLflow is down the results stay on disk with
+RESULTS_DIR/tracking.json, and `log RESULTS_DIR...` logs them later.
 
 Examples:
   python -m evaluation index --model runs/tiny-cpu/model --data runs/world/rag_dev --out runs/index/rag_dev
@@ -38,6 +43,7 @@ Examples:
   python -m evaluation run --model runs/tiny-cpu/model --data runs/world/rag_dev --method pipeline-minilm
   python -m evaluation run --model runs/tiny-cpu/model --data runs/world/el_dev --method onegen
   python -m evaluation compare --experiment onegen --out runs/eval/compare.png
+  python -m evaluation log runs/eval/rag_dev-onegen-tiny-cpu-model --tracking-uri sqlite:///runs/eval/mlflow.db
 """
 
 from __future__ import annotations
@@ -72,7 +78,7 @@ def _add_precision_args(p: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__, formatter_class=fmt, allow_abbrev=False)
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{index,run,compare}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{index,run,compare,log}")
 
     pi = sub.add_parser("index", help="build (or reuse) the checkpoint's document index of a prepared dataset",
                         allow_abbrev=False,
@@ -134,7 +140,30 @@ def _parser() -> argparse.ArgumentParser:
     pc.add_argument("--out", default=str(Path("runs") / "eval" / "compare.png"),
                     help="PNG path (default runs/eval/compare.png); .csv and .md are written beside it")
     pc.add_argument("--all", action="store_true", help="every run, not only the latest per method/model/dataset")
+    _add_log_parser(sub, fmt)
     return p
+
+
+def _add_log_parser(sub, fmt) -> None:
+    pl = sub.add_parser("log", help="log results dirs into MLflow afterwards (e.g. after an outage)", formatter_class=fmt,
+                        allow_abbrev=False, description="""\
+Log evaluation results that are on disk but not in MLflow: runs made with --no-mlflow, while the
+server was down, or while the store was unusable. Each RESULTS_DIR's tracking.json (written by
+every `run`) holds the run as it was (or would have been) logged: experiment, run name, tags (the
+link to the training run, onegen.train_run_id), params, metrics, artifacts, times and status. `log`
+makes that same run in the store (plus the tag onegen.logged_later), so `compare` shows it.
+
+A results dir already logged there (a FINISHED run with its onegen.results_id in that experiment)
+is refused unless --force; a run the outage left unfinished is marked FAILED (tag
+onegen.replaced_by). Results changed since the evaluation (predictions.jsonl against manifest.json)
+are refused. Training output dirs are not accepted: their metrics are in OUTPUT/metrics.jsonl.
+Exit status 0 when every dir was logged, 2 otherwise.""")
+    pl.add_argument("results", nargs="+", metavar="RESULTS_DIR", help="results dirs of `python -m evaluation run`")
+    pl.add_argument("--tracking-uri", help="store to log into, or 'train' for the training run's store (default: the "
+                                           "store the evaluation meant to use, recorded in tracking.json, else "
+                                           "$MLFLOW_TRACKING_URI, else sqlite:///<RESULTS_DIR>/../mlflow.db)")
+    pl.add_argument("--experiment", help="MLflow experiment (default: the evaluation's)")
+    pl.add_argument("--force", action="store_true", help="log a results dir again even if the store has it")
 
 
 def cmd_index(ns: argparse.Namespace) -> int:
@@ -217,11 +246,26 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_log(ns: argparse.Namespace) -> int:
+    from evaluation.logbook import log_results
+
+    failed = 0
+    for d in ns.results:
+        try:
+            log_results(d, tracking_uri=ns.tracking_uri, experiment=ns.experiment, force=ns.force)
+        except OneGenError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+    if failed and len(ns.results) > 1:
+        print(f"{failed} of {len(ns.results)} results dirs were not logged", file=sys.stderr)
+    return 2 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     apply_offline_defaults()  # before torch/transformers/mlflow are imported (they read these once)
     ns = _parser().parse_args(argv)
     try:
-        return {"index": cmd_index, "run": cmd_run, "compare": cmd_compare}[ns.cmd](ns)
+        return {"index": cmd_index, "run": cmd_run, "compare": cmd_compare, "log": cmd_log}[ns.cmd](ns)
     except OneGenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

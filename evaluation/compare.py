@@ -53,15 +53,16 @@ BASE_MODELS = {"tiny": "tiny Llama (built from a config)", "smollm2": "SmolLM2-1
 
 def collect(tracking_uri: str, experiment: str, *, all_runs: bool = False) -> list[dict[str, Any]]:
     """Rows (one per eval run; latest per method/checkpoint/dataset/setting unless ``all_runs``)."""
-    from mlflow.tracking import MlflowClient
-
-    from evaluation.tracking import sqlite_path
+    from onegen.mlflow_store import open_client, sqlite_path
 
     db = sqlite_path(tracking_uri)
     if db is not None and not db.is_file():
         raise ConfigError(f"no MLflow store at {db}: run `python -m evaluation run ...` first, or point "
                           f"--tracking-uri at the store the eval runs were logged to")
-    client = MlflowClient(tracking_uri=tracking_uri)
+    try:  # a store left unusable is replaced when it holds no runs, else a StoreError says what to do
+        client = open_client(tracking_uri)
+    except OSError as e:  # a server that does not answer
+        raise ConfigError(f"MLflow at {tracking_uri} is unavailable ({e})") from None
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = [e.name for e in client.search_experiments()]
@@ -115,9 +116,9 @@ def cis_from_records(records: list[dict], row: dict, *, resamples: int = RESAMPL
 
 def attach_cis(rows: list[dict], tracking_uri: str, *, resamples: int = RESAMPLES, seed: int = SEED) -> None:
     """``row["ci"]``: the CIs of each row, from its run's ``predictions.jsonl`` artifact ({} when absent)."""
-    from mlflow.tracking import MlflowClient
+    from onegen.mlflow_store import open_client
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = open_client(tracking_uri)
     for row in rows:
         row["ci"] = {}
         if all(row.get(col) is None for col in CI_KEYS):

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from onegen.errors import ConfigError, ManifestMismatch
 from onegen.manifest import fingerprint_files, read_manifest, write_manifest
+from onegen.runlock import LOCK_NAME, DirLock
 
 IndexKind = Literal["flat", "ivf", "hnsw"]
 KINDS = ("flat", "ivf", "hnsw")
@@ -186,53 +187,56 @@ def build_index(model_dir: str | Path, prepared_dir: str | Path, out_dir: str | 
     params = params or IndexParams()
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    data = open_prepared(prepared_dir)
-    mman = model_manifest(model_dir)
-    runtime = _runtime_for(model_dir, data, mman["fingerprint"], runtime, device, dtype, attn)
-    n = len(data.docs)
-    dim = int(runtime.model.config.hidden_size)
+    # One writer: the lock lives beside the dir, which a finished build replaces by a rename.
+    with DirLock(out_dir, lock_path=out_dir.parent / f".{out_dir.name}{LOCK_NAME}"):
+        data = open_prepared(prepared_dir)
+        mman = model_manifest(model_dir)
+        runtime = _runtime_for(model_dir, data, mman["fingerprint"], runtime, device, dtype, attn)
+        n = len(data.docs)
+        dim = int(runtime.model.config.hidden_size)
 
-    _remove_leftovers(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        emb = np.lib.format.open_memmap(tmp / EMBEDDINGS, mode="w+", dtype=np.float32, shape=(n, dim))
-        doc_ids: list[str] = []
-        # Chunks of many batches: encode_documents sorts each chunk by length (less padding).
-        chunk = batch_size * 16
-        bar = tqdm(total=n, desc=f"index {Path(prepared_dir).name}", unit="doc", disable=not progress)
-        with torch.no_grad():
-            for ids_part, rows in _read_docs_in_chunks(data.docs, chunk):
-                vecs = encode_documents(runtime.model, rows, runtime.pad_id, batch_size)
-                if vecs.shape[1] != dim:
-                    raise ManifestMismatch(f"encoded vectors have dimension {vecs.shape[1]}, the model config says {dim}")
-                emb[len(doc_ids):len(doc_ids) + len(rows)] = vecs
-                doc_ids += ids_part
-                bar.update(len(rows))
-        bar.close()
-        emb.flush()
-        if len(set(doc_ids)) != len(doc_ids):
-            raise ManifestMismatch(f"{prepared_dir}/docs holds duplicate doc ids; the index needs unique ids")
-        (tmp / DOC_IDS).write_text(json.dumps(doc_ids))
-        index, used = _make_faiss(np.asarray(emb), kind, params)
-        del emb
-        _faiss().write_index(index, str(tmp / FAISS_FILE))
-        files = [EMBEDDINGS, DOC_IDS, FAISS_FILE]
-        manifest = write_manifest(
-            tmp, "index", fingerprint=fingerprint_files(tmp, files),
-            model_fingerprint=mman["fingerprint"], model_dir=str(Path(model_dir).resolve()),
-            prepared_fingerprint=data.fingerprint, prepared_dir=str(Path(prepared_dir).resolve()),
-            task=data.task, count=n, dim=dim, metric="ip", normalized=True, kind=kind, params=used,
-            ret_tokens=runtime.tagger.tokens.doc_ret_tokens(), faiss_version=_faiss().__version__,
-            **runtime.precision_record(), faiss_gpu={"shard": True, "fp16": bool(params.faiss_fp16)},
-            build_seconds=round(time.perf_counter() - t0, 3),
-        )
-        _replace_dir(tmp, out_dir)
-    except BaseException:
+        _remove_leftovers(out_dir)
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
+        tmp.mkdir(parents=True)
+        try:
+            emb = np.lib.format.open_memmap(tmp / EMBEDDINGS, mode="w+", dtype=np.float32, shape=(n, dim))
+            doc_ids: list[str] = []
+            # Chunks of many batches: encode_documents sorts each chunk by length (less padding).
+            chunk = batch_size * 16
+            bar = tqdm(total=n, desc=f"index {Path(prepared_dir).name}", unit="doc", disable=not progress)
+            with torch.no_grad():
+                for ids_part, rows in _read_docs_in_chunks(data.docs, chunk):
+                    vecs = encode_documents(runtime.model, rows, runtime.pad_id, batch_size)
+                    if vecs.shape[1] != dim:
+                        raise ManifestMismatch(f"encoded vectors have dimension {vecs.shape[1]}, "
+                                               f"the model config says {dim}")
+                    emb[len(doc_ids):len(doc_ids) + len(rows)] = vecs
+                    doc_ids += ids_part
+                    bar.update(len(rows))
+            bar.close()
+            emb.flush()
+            if len(set(doc_ids)) != len(doc_ids):
+                raise ManifestMismatch(f"{prepared_dir}/docs holds duplicate doc ids; the index needs unique ids")
+            (tmp / DOC_IDS).write_text(json.dumps(doc_ids))
+            index, used = _make_faiss(np.asarray(emb), kind, params)
+            del emb
+            _faiss().write_index(index, str(tmp / FAISS_FILE))
+            files = [EMBEDDINGS, DOC_IDS, FAISS_FILE]
+            manifest = write_manifest(
+                tmp, "index", fingerprint=fingerprint_files(tmp, files),
+                model_fingerprint=mman["fingerprint"], model_dir=str(Path(model_dir).resolve()),
+                prepared_fingerprint=data.fingerprint, prepared_dir=str(Path(prepared_dir).resolve()),
+                task=data.task, count=n, dim=dim, metric="ip", normalized=True, kind=kind, params=used,
+                ret_tokens=runtime.tagger.tokens.doc_ret_tokens(), faiss_version=_faiss().__version__,
+                **runtime.precision_record(), faiss_gpu={"shard": True, "fp16": bool(params.faiss_fp16)},
+                build_seconds=round(time.perf_counter() - t0, 3),
+            )
+            _replace_dir(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return manifest
 
 
 def _remove_leftovers(out_dir: Path) -> None:

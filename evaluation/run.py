@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from onegen.errors import ConfigError, ManifestMismatch
+from onegen.runlock import DirLock
 
 # CLI name -> evaluation.retrievers name
 METHODS = {"onegen": "onegen", "two-pass": "two_pass", "pipeline-bm25": "bm25", "pipeline-minilm": "dense",
@@ -237,15 +238,26 @@ def _check_given_index(index_dir: Path, model_dir: Path, data_dir: Path, dman: d
 
 
 def _tracker(req: EvalRequest, out: Path, task: str, model_dir: Path, mode: str, log):
-    """The eval run's MLflow tracker (tags, nesting under the training run); and its store URI."""
-    from evaluation.tracking import (EVAL_STAGE, TAG_DATASET, TAG_METHOD, TAG_MODE, TAG_MODEL, TAG_STAGE, TAG_TASK,
-                                     TAG_TRAIN_STORE, EvalTracker, resolve_tracking_uri, train_link)
+    """The eval run's MLflow tracker (tags, link to the training run, this results dir's id); its store URI.
+
+    With ``--no-mlflow`` the tracker only records: ``tracking.json`` names the store the run would have
+    gone to, for ``python -m evaluation log``."""
+    import uuid
+
+    from evaluation.tracking import (EVAL_STAGE, TAG_DATASET, TAG_METHOD, TAG_MODE, TAG_MODEL, TAG_RESULTS_ID,
+                                     TAG_STAGE, TAG_TASK, TAG_TRAIN_STORE, EvalTracker, resolve_tracking_uri,
+                                     train_link)
 
     dataset, mlabel = Path(req.data).resolve().name, model_label(model_dir)
     train_run_id, train_store = train_link(model_dir)
-    uri = resolve_tracking_uri(req.tracking_uri, out, model_dir) if req.tracking else None
+    try:
+        uri = resolve_tracking_uri(req.tracking_uri, out, model_dir)
+    except ConfigError:
+        if req.tracking:
+            raise
+        uri = None  # `--tracking-uri train` of a checkpoint without a link, and nothing is logged anyway
     tags = {TAG_STAGE: EVAL_STAGE, TAG_METHOD: req.method, TAG_DATASET: dataset, TAG_MODEL: mlabel, TAG_MODE: mode,
-            TAG_TASK: task, "onegen.setting": req.setting}
+            TAG_TASK: task, "onegen.setting": req.setting, TAG_RESULTS_ID: uuid.uuid4().hex}
     if train_store:
         tags[TAG_TRAIN_STORE] = train_store
     run_name = req.run_name or f"{req.method}:{dataset}:{mlabel}"
@@ -253,7 +265,7 @@ def _tracker(req: EvalRequest, out: Path, task: str, model_dir: Path, mode: str,
     if req.tracking and tracker.ok:
         log(f"MLflow: run {tracker.run_id} in experiment {req.experiment!r} at {uri}"
             + (f" (training run {train_run_id}, linked by the tag onegen.train_run_id)" if train_run_id else ""))
-    return tracker, uri, train_run_id
+    return tracker, uri if req.tracking else None, train_run_id
 
 
 def run_eval(req: EvalRequest, log: Callable[[str], None] = print) -> EvalOutcome:
@@ -277,6 +289,14 @@ def run_eval(req: EvalRequest, log: Callable[[str], None] = print) -> EvalOutcom
         _check_given_index(index_dir, model_dir, data_dir, dman, prec, log)
     out = Path(req.out) if req.out is not None else default_out(req)
     out.mkdir(parents=True, exist_ok=True)
+    with DirLock(out):  # one writer per results dir (onegen/runlock.py): a second run on it refuses at once
+        return _run_locked(req, out, task, dman, mman, ocfg, prec, index_dir, needs_index, log)
+
+
+def _run_locked(req: EvalRequest, out: Path, task: str, dman: dict, mman: dict, ocfg: dict, prec: dict,
+                index_dir: Path | None, needs_index: bool, log: Callable[[str], None]) -> EvalOutcome:
+    """``run_eval`` once it holds the results dir: the tracked run."""
+    model_dir, data_dir = Path(req.model), Path(req.data)
     mode = str(ocfg.get("mode") or mman.get("mode") or "?")
     tracker, uri, train_run_id = _tracker(req, out, task, model_dir, mode, log)
     tracker.log_params({
@@ -301,8 +321,10 @@ def run_eval(req: EvalRequest, log: Callable[[str], None] = print) -> EvalOutcom
     for name, path in outcome["files"].items():
         tracker.log_artifact(path, "plots" if name.startswith("plot") else None)
     tracker.end("FINISHED")
+    record = tracker.save_record(out)  # the run as logged: `python -m evaluation log` replays it
     if req.tracking and not tracker.ok:
-        log("MLflow: logging failed (see the message above); the results are on disk")
+        log(f"MLflow: logging failed (see the message above); the results are on disk, and "
+            f"`python -m evaluation log {out}` logs them once MLflow is back ({record.name})")
     return EvalOutcome(out, outcome["metrics"], outcome["files"], uri if tracker.ok else None, tracker.run_id,
                        tracker.nested)
 

@@ -13,23 +13,28 @@ Where runs go (``resolve_tracking_uri``), first match wins:
 Link to training: the export's ``onegen_config.json`` (or its manifest) records ``mlflow_run_id``,
 kept as the tag ``onegen.train_run_id``. Eval runs are never nested (``mlflow.parentRunId``): the
 runs table folds child runs under their parent, which hid every evaluation behind its training run.
-The experiment is created as a machine-learning one (``pipeline.tracking.ensure_experiment``), so
-the UI opens on its runs table (``ui_url``), not on MLflow 3's empty GenAI overview.
+The experiment is created as a machine-learning one (``onegen.mlflow_store.ensure_experiment``), so
+the UI opens on its runs table (``ui_url``), not on MLflow 3's empty GenAI overview. The store is
+opened through ``onegen.mlflow_store``: a new sqlite store is made once under a lock (evaluations
+started together no longer race to create it), and every call waits out a locked store.
 
 Tracking never kills an evaluation: when MLflow fails the user is told once and the results stay
-on disk (``predictions.jsonl``, ``metrics.json``).
+on disk (``predictions.jsonl``, ``metrics.json``, and ``tracking.json``: the run as it would have
+been logged, which ``python -m evaluation log RESULTS_DIR`` logs later, ``evaluation.logbook``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import sys
+import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.tracking import ensure_experiment, probe_server
+from onegen.mlflow_run import MlflowRun
+from onegen.mlflow_store import sqlite_uri
 
 EVAL_STAGE = "eval"
 TAG_STAGE = "onegen.stage"
@@ -40,17 +45,8 @@ TAG_MODE = "onegen.mode"
 TAG_TASK = "onegen.task"
 TAG_TRAIN_RUN = "onegen.train_run_id"
 TAG_TRAIN_STORE = "onegen.train_tracking_uri"
-
-
-def sqlite_uri(db: str | Path) -> str:
-    return f"sqlite:///{Path(db).resolve()}"
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (None for other stores)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri[len("sqlite:///"):])
+TAG_RESULTS_ID = "onegen.results_id"  # one id per results dir: `evaluation log` refuses to log it twice
+TAG_LOGGED_LATER = "onegen.logged_later"  # set by `evaluation log`: when the results reached MLflow
 
 
 def default_tracking_uri(results_dir: str | Path) -> str:
@@ -109,88 +105,69 @@ def metric_name(key: str) -> str:
     return key.replace("@", "_at_")
 
 
-class EvalTracker:
-    """One MLflow run (``MlflowClient``, no global active run); degrades to local files on failure."""
+def headline_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The metrics an eval run logs: finite numbers only, under MLflow names."""
+    return {metric_name(k): float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+class EvalTracker(MlflowRun):
+    """One MLflow run per evaluation; degrades to local files on failure.
+
+    Whatever it logs (or would have logged, with MLflow off or down) is also kept in ``record``,
+    written by ``save_record`` as ``RESULTS_DIR/tracking.json``: ``python -m evaluation log`` replays
+    it into a store later, the same run (``evaluation.logbook``)."""
 
     def __init__(self, enabled: bool, uri: str, experiment: str, run_name: str, tags: dict[str, str],
-                 train_run_id: str | None) -> None:
-        self.enabled, self.uri, self.experiment = enabled, uri, experiment
-        self.ok = False
-        self.run_id: str | None = None
-        self.experiment_id: str | None = None
+                 train_run_id: str | None, *, start_time: int | None = None, kept: str | None = None) -> None:
+        super().__init__(uri, kept or "results are kept on disk only (`python -m evaluation log RESULTS_DIR` "
+                                      "logs them later)")
+        self.enabled, self.experiment = enabled, experiment
         self.nested = False  # never: eval runs are top-level runs (see the module docstring)
-        self._client = None
+        tags = dict(tags)
+        if train_run_id:
+            tags[TAG_TRAIN_RUN] = train_run_id
+        self.record: dict[str, Any] = {"experiment": experiment, "run_name": run_name, "tracking_uri": uri or None,
+                                       "start_time": start_time or int(time.time() * 1000), "tags": dict(tags),
+                                       "params": {}, "metrics": {}, "metrics_time": None, "artifacts": [],
+                                       "status": None, "end_time": None, "logged": []}
         if not enabled:
             return
-        try:
-            os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-            import logging
-
-            for name in ("mlflow.store.db.utils", "alembic"):  # schema-creation chatter on a new store
-                logging.getLogger(name).setLevel(logging.WARNING)
-            from mlflow.tracking import MlflowClient
-
-            if uri.startswith(("http://", "https://")):
-                probe_server(uri)  # fail in seconds, not after MLflow's minutes of HTTP retries
-            db = sqlite_path(uri)
-            if db is not None:
-                db.parent.mkdir(parents=True, exist_ok=True)
-            client = MlflowClient(tracking_uri=uri)
-            # A sqlite store keeps its artifacts beside it (not in ./mlruns of whatever cwd).
-            art = (db.parent / "mlartifacts").resolve().as_uri() if db is not None else None
-            self.experiment_id = ensure_experiment(client, experiment, art)
-            tags = dict(tags)
-            if train_run_id:
-                tags[TAG_TRAIN_RUN] = train_run_id
-            run = client.create_run(self.experiment_id, run_name=run_name, tags=tags)
-            self.run_id = run.info.run_id
-            self._client = client
-            self.ok = True
-        except Exception as e:
-            self._degrade(e)
-
-    def _degrade(self, e: Exception) -> None:
-        if self.ok or self.run_id is None:
-            print(f"[onegen] MLflow is unavailable ({type(e).__name__}: {str(e)[:300]}); results are kept on disk only",
-                  file=sys.stderr)
-        self.ok = False
-
-    def _call(self, fn: str, *args, **kw) -> None:
-        if not self.ok:
-            return
-        try:
-            getattr(self._client, fn)(self.run_id, *args, **kw)
-        except Exception as e:
-            self._degrade(e)
+        for name in ("mlflow.store.db.utils", "alembic"):  # schema-creation chatter on a new store
+            logging.getLogger(name).setLevel(logging.WARNING)
+        self.start(experiment, run_name, tags, start_time=self.record["start_time"])
 
     def log_params(self, params: dict[str, Any]) -> None:
-        if not self.ok:
-            return
-        from mlflow.entities import Param
+        params = {k: str(v)[:6000] for k, v in params.items() if v is not None}
+        self.record["params"].update(params)
+        if self.enabled:
+            super().log_params(params)
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items() if v is not None]
-        for i in range(0, len(items), 90):
-            self._call("log_batch", params=items[i:i + 90])
-
-    def log_metrics(self, metrics: dict[str, Any]) -> None:
-        if not self.ok:
-            return
-        import time
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [Metric(metric_name(k), float(v), now, 0) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
-        for i in range(0, len(items), 500):
-            self._call("log_batch", metrics=items[i:i + 500])
+    def log_metrics(self, metrics: dict[str, Any], step: int = 0, timestamp_ms: int | None = None) -> None:
+        metrics = headline_metrics(metrics)
+        self.record["metrics"].update(metrics)
+        self.record["metrics_time"] = timestamp_ms or int(time.time() * 1000)
+        if self.enabled:
+            super().log_metrics(metrics, step, self.record["metrics_time"])
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            self._call("set_tag", k, str(v))
+        self.record["tags"].update({k: str(v) for k, v in tags.items()})
+        if self.enabled:
+            super().set_tags(tags)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._call("log_artifact", str(path), artifact_path=artifact_path)
+        self.record["artifacts"].append([str(Path(path).resolve()), artifact_path])
+        if self.enabled:
+            super().log_artifact(path, artifact_path)
 
-    def end(self, status: str = "FINISHED") -> None:
-        self._call("set_terminated", status=status)
+    def end(self, status: str = "FINISHED", end_time: int | None = None) -> None:
+        self.record["status"], self.record["end_time"] = status, end_time or int(time.time() * 1000)
+        if self.enabled:
+            super().end(status, self.record["end_time"])
+
+    def save_record(self, results_dir: str | Path) -> Path:
+        """``RESULTS_DIR/tracking.json``: the run as logged, artifact paths relative to the results dir,
+        and where it was logged (``logged``: store and run id, when MLflow took it)."""
+        from evaluation.logbook import write_record
+
+        return write_record(results_dir, self.record, self.uri if self.ok else None, self.run_id if self.ok else None)

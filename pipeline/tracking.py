@@ -2,71 +2,25 @@
 
 Every metric row is first appended to ``OUTPUT/metrics.jsonl`` (local, durable, survives anything),
 then sent to MLflow. MLflow defaults to a sqlite store under the run's output; a tracking server
-is used when its URI is given. If MLflow fails (server down, gone mid-run) training goes on: the
-user is told once, and the local file keeps every metric. A resumed run continues the same
-MLflow run (its id is kept in ``OUTPUT/mlflow_run_id``); a crash marks the run FAILED.
+is used when its URI is given. The store is opened through ``onegen.mlflow_store`` (made once under a
+lock, calls that wait out a locked sqlite store); if MLflow fails (server down, gone mid-run) training
+goes on: the user is told once, and the local file keeps every metric. A resumed run continues the
+same MLflow run (its id is kept in ``OUTPUT/mlflow_run_id``); a crash marks the run FAILED.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from onegen.manifest import atomic_write_bytes
+from onegen.mlflow_run import MlflowRun
 
 
 def default_tracking_uri(output_dir: str | Path) -> str:
     return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
-
-
-def probe_server(uri: str, timeout: float = 5.0) -> None:
-    """Raise when an MLflow server does not answer ``/health`` within ``timeout`` seconds.
-
-    MLflow's own client retries a dead server for minutes; training must not wait that long."""
-    import urllib.request
-
-    with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
-        if r.status != 200:
-            raise ConnectionError(f"{uri}/health answered HTTP {r.status}")
-
-
-def limit_http_retries() -> None:
-    """A server that goes away mid-run costs seconds per call, not minutes (user settings win)."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-
-
-def local_artifact_root(uri: str) -> str | None:
-    """Artifacts of a local sqlite store live beside it (not in ./mlruns of whatever the cwd is)."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-    return None
-
-
-# MLflow 3.x's UI opens an experiment by its kind: "genai_development" lands on the GenAI overview
-# (traces, no runs), "custom_model_development" on the runs table; an experiment without the tag asks
-# the user to choose. Its sidebar also has a global "workflow type" toggle (GenAI by default in 3.17,
-# kept in the browser), which the URL's ?workflowType=machine_learning sets (the quickstart prints
-# http://127.0.0.1:5000/#/experiments/<id>/runs?workflowType=machine_learning).
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-EXPERIMENT_KIND = "custom_model_development"
-
-
-def ensure_experiment(client: Any, name: str, artifact_location: str | None = None) -> str:
-    """The id of experiment ``name``, created as a machine-learning experiment when missing.
-
-    An existing experiment without a kind gets this one (a kind someone chose is kept)."""
-    exp = client.get_experiment_by_name(name)
-    if exp is None:
-        return client.create_experiment(name, artifact_location=artifact_location,
-                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
-    if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
-        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-    return exp.experiment_id
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -80,88 +34,43 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-class Tracker:
+class Tracker(MlflowRun):
+    """The training run's tracker (``enabled`` on rank 0 only)."""
+
     def __init__(self, output_dir: str | Path, *, enabled: bool, tracking_uri: str | None, experiment: str,
                  run_name: str, tags: dict[str, str] | None = None):
         self.output_dir = Path(output_dir)
         self.enabled = enabled
-        self.mlflow_ok = False
-        self.run_id: str | None = None
         self.local = self.output_dir / "metrics.jsonl"
+        uri = (tracking_uri or default_tracking_uri(self.output_dir)) if enabled else ""
+        super().__init__(uri, f"metrics are kept in {self.local} and training goes on")
         if not enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.uri = tracking_uri or default_tracking_uri(self.output_dir)
-        self._client = None
-        try:
-            from mlflow import MlflowClient
-
-            if self.uri.startswith(("http://", "https://")):
-                limit_http_retries()
-                probe_server(self.uri)
-            # A client, not mlflow's global active run: no atexit end_run against a server that died
-            # mid-run (more retries at exit), and no MLFLOW_TRACKING_URI exported to child processes.
-            client = MlflowClient(tracking_uri=self.uri)
-            exp_id = ensure_experiment(client, experiment, local_artifact_root(self.uri))
-            id_file = self.output_dir / "mlflow_run_id"
-            previous = id_file.read_text().strip() if id_file.exists() else None
-            if previous:
-                client.update_run(previous, status="RUNNING")
-                self.run_id = previous
-            else:
-                self.run_id = client.create_run(exp_id, run_name=run_name, tags=tags or {}).info.run_id
+        id_file = self.output_dir / "mlflow_run_id"
+        previous = id_file.read_text().strip() if id_file.exists() else None
+        self.start(experiment, run_name, tags or {}, resume_id=previous or None)
+        if self.ok and self.run_id is not None:
             id_file.write_text(self.run_id + "\n")
-            self._client = client
-            self.mlflow_ok = True
-        except Exception as e:  # never let tracking kill training
-            self._degrade(e)
 
-    def _degrade(self, e: Exception) -> None:
-        if self.mlflow_ok or self.run_id is None:
-            print(f"[onegen] MLflow is unavailable ({type(e).__name__}: {str(e)[:200]}); metrics are kept in "
-                  f"{self.local} and training goes on", file=sys.stderr)
-        self.mlflow_ok = False
-
-    def _call(self, fn_name: str, *args, **kw) -> None:
-        if not (self.enabled and self.mlflow_ok):
-            return
-        try:
-            getattr(self._client, fn_name)(self.run_id, *args, **kw)
-        except Exception as e:
-            self._degrade(e)
+    @property
+    def mlflow_ok(self) -> bool:
+        return self.ok
 
     def log_params(self, params: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        from mlflow.entities import Param
-
         flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in flatten(params).items()}
-        items = list(flat.items())
-        for i in range(0, len(items), 90):  # MLflow caps a batch at 100 params
-            self._call("log_batch", params=[Param(k, str(v)[:6000]) for k, v in items[i:i + 90]])
+        super().log_params(flat)
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int = 0, timestamp_ms: int | None = None) -> None:
         if not self.enabled:
             return
-        from mlflow.entities import Metric
-
         with open(self.local, "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        now = int(time.time() * 1000)
-        self._call("log_batch", metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._call("log_artifact", str(path), artifact_path=artifact_path)
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        self._call("log_batch", tags=[RunTag(k, str(v)) for k, v in tags.items()])
-
-    def end(self, status: str = "FINISHED") -> None:
-        self._call("set_terminated", status=status)
+        super().log_metrics(metrics, step, timestamp_ms)
 
 
 def read_local_metrics(output_dir: str | Path) -> list[dict]:

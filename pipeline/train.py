@@ -20,6 +20,7 @@ checkpoint naming and resume logic overridden — more code than it saves.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 if __package__ in (None, ""):  # run as a script (deepspeed pipeline/train.py): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -39,9 +40,12 @@ if __package__ in (None, ""):  # run as a script (deepspeed pipeline/train.py): 
 import onegen.distributed as collectives  # noqa: E402
 from onegen.config import dump_yaml, help_text, load_config  # noqa: E402
 from onegen.errors import OneGenError  # noqa: E402
+from onegen.runlock import DirLock  # noqa: E402
 from pipeline.config import TrainConfig  # noqa: E402
+from pipeline.orphans import start_watchdog  # noqa: E402
 
 log = logging.getLogger("onegen.train")
+FINAL_STATS = ("loss", "loss_gen", "loss_ret", "ret_acc")  # the summary's final losses, also kept in each checkpoint
 
 
 def _free_port() -> int:
@@ -55,6 +59,8 @@ def setup_distributed() -> tuple[int, int, int]:
     import deepspeed
     import torch
 
+    if torch.distributed.is_initialized():  # train() starts it before the output dir's lock; _set_up asks again
+        return torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
     if "RANK" not in os.environ:  # plain `python`: a world of one (else DeepSpeed looks for MPI)
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
@@ -134,18 +140,45 @@ class Run:
 def train(cfg: TrainConfig) -> dict:
     # DeepSpeed's ZeRO-3 calls deprecated c10d names on every step: not the user's concern.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
-    run = _set_up(cfg)
-    status = "FAILED"
+    rank, _, local_rank = setup_distributed()
+    with _output_lock(Path(cfg.output_dir), rank, local_rank):
+        run = _set_up(cfg)
+        status = "FAILED"
+        try:
+            stopped = _loop(run)
+            if stopped:
+                status = "KILLED"
+                return {"step": run.step, "stopped": True}
+            summary = _finish(run)
+            status = "FINISHED"
+            return summary
+        finally:
+            run.tracker.end(status)
+
+
+@contextlib.contextmanager
+def _output_lock(out: Path, rank: int, local_rank: int) -> Iterator[None]:
+    """Rank 0 holds the output dir's lock (onegen/runlock.py) for the run's life, taken before any start-up
+    clean-up or resume read; every rank learns the outcome, and all exit together when it is refused."""
+    import torch
+
+    lock, failed = None, None
+    if rank == 0:
+        try:
+            lock = DirLock(out, log=lambda m: print(m, flush=True)).acquire()
+        except Exception as e:  # the other ranks must hear of any failure, or they would wait in the next collective
+            failed = e
+    # Built where the engine's tensors will live (NCCL takes no CPU tensor): the engine does not exist yet.
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if collectives.any_rank(failed is not None, device):
+        if failed is not None:
+            raise failed
+        raise SystemExit(2)  # rank 0 prints why
     try:
-        stopped = _loop(run)
-        if stopped:
-            status = "KILLED"
-            return {"step": run.step, "stopped": True}
-        summary = _finish(run)
-        status = "FINISHED"
-        return summary
+        yield
     finally:
-        run.tracker.end(status)
+        if lock is not None:
+            lock.release()
 
 
 def _set_up(cfg: TrainConfig) -> Run:
@@ -212,6 +245,7 @@ def _set_up(cfg: TrainConfig) -> Run:
         if state.get("units_per_step") not in (None, plan.per_step) and run.is_main:
             log.warning("resuming with a different world size × grad_accum; the data position is kept in units")
         run.step, run.units = int(state["step"]), int(state["units_consumed"])
+        run.last_stats = _saved_stats(state, run.out, run.step)
     _prepare_output(run)
     return run
 
@@ -251,7 +285,8 @@ def _prepare_output(run: Run) -> None:
           f"{run.model.onegen_attention} ({run.model.onegen_attention_why}) · "
           f"{sum(len(d) for d in run.train_sets)} rows · {cfg.optim.max_steps} steps"
           + (f" ({cfg.optim.epochs:g} epochs)" if cfg.optim.epochs else "")
-          + (f" · resuming from {run.resumed_from.name}" if run.resumed_from else ""), flush=True)
+          + (f" · resuming from {run.resumed_from.name}" if run.resumed_from else "")
+          + (" · nothing left to train" if run.step >= cfg.optim.max_steps else ""), flush=True)
 
 
 def _loop(run: Run) -> bool:
@@ -281,8 +316,7 @@ def _loop(run: Run) -> bool:
                 _evaluate(run)
             stop = collectives.any_rank(flag.signal is not None, engine.device)
             if (cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0) or stop or run.step == cfg.optim.max_steps:
-                ckpt.save(engine, run.ckpt_root, run.step, {"step": run.step, "units_consumed": run.units,
-                                                            "units_per_step": run.plan.per_step}, cfg.keep_checkpoints)
+                ckpt.save(engine, run.ckpt_root, run.step, _client_state(run), cfg.keep_checkpoints)
             if stop:
                 if run.is_main:
                     print(f"\n[train] signal {flag.signal}: checkpoint {ckpt.tag_for(run.step)} written; rerun to resume",
@@ -291,6 +325,13 @@ def _loop(run: Run) -> bool:
         return False
     finally:
         bar.close()  # an error message then starts on its own line, not after the progress bar
+
+
+def _client_state(run: Run) -> dict:
+    """What a checkpoint holds besides DeepSpeed's state: the data position, and the last step's losses
+    (a rerun with nothing left to train prints them)."""
+    return {"step": run.step, "units_consumed": run.units, "units_per_step": run.plan.per_step,
+            "stats": {k: float(run.last_stats[k]) for k in FINAL_STATS if k in run.last_stats}}
 
 
 def _step_metrics(run: Run, stats: dict, n_tokens: float, seconds: float) -> dict:
@@ -328,13 +369,26 @@ def _finish(run: Run) -> dict:
         run.tracker.log_artifact(curves)
     summary = {"step": run.step, "output_dir": str(out), "checkpoint": str(ckpt.latest_complete(run.ckpt_root)),
                "model": str(export_dir) if export_dir else None, "mlflow_run_id": run.tracker.run_id,
-               "final": {k: stats.get(k) for k in ("loss", "loss_gen", "loss_ret", "ret_acc")}, "eval": final_eval}
+               "final": {k: stats.get(k) for k in FINAL_STATS}, "eval": final_eval}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"[train] done: step {run.step}; loss {stats.get('loss', float('nan')):.4f} (gen {stats.get('loss_gen', 0):.4f}, "
           f"ret {stats.get('loss_ret', 0):.4f}); " + " ".join(f"{k}={v:.3f}" for k, v in final_eval.items()))
     print(f"[train] model: {export_dir}  checkpoints: {run.ckpt_root}  MLflow run: {run.tracker.run_id} "
           f"({run.tracker.uri if run.tracker.enabled else '-'})", flush=True)
     return summary
+
+
+def _saved_stats(state: dict, out: Path, step: int) -> dict:
+    """The last step's losses of a resumed checkpoint (older checkpoints: its row of metrics.jsonl)."""
+    from pipeline.tracking import read_local_metrics
+
+    if state.get("stats"):
+        return dict(state["stats"])
+    try:
+        rows = [r for r in read_local_metrics(out) if r.get("step") == step]
+    except (OSError, ValueError):
+        rows = []
+    return {k: rows[-1][k] for k in FINAL_STATS if rows and k in rows[-1]}
 
 
 def _check_resume_config(out: Path, cfg: TrainConfig) -> None:
@@ -390,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.help_config:
         print(help_text(TrainConfig))
         return 0
+    start_watchdog()  # first thing: a launcher can die while DeepSpeed is still being imported
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     try:

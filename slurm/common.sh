@@ -69,3 +69,44 @@ onegen_gpus_per_node() {
   case "$n" in ''|*[!0-9]*) n=0 ;; esac
   echo "$n"
 }
+
+# This node's cluster-internal address, for a server other nodes reach: MLFLOW_HOST, else the first
+# address `hostname -I` lists, else what the host name resolves to. Never 0.0.0.0 (no authentication).
+onegen_internal_addr() {
+  local a="${MLFLOW_HOST:-}"
+  if [ -z "$a" ]; then a="$(hostname -I 2>/dev/null | awk '{print $1}' || true)"; fi
+  if [ -z "$a" ]; then a="$(hostname -i 2>/dev/null | awk '{print $1}' || true)"; fi
+  case "$a" in
+    ''|0.0.0.0|::|'[::]') onegen_die "no cluster-internal address to bind the MLflow server to (got '$a'): set MLFLOW_HOST" ;;
+  esac
+  echo "$a"
+}
+
+# Whether an MLflow server answers /health at URI (0 = yes), within 5 s.
+onegen_mlflow_healthy() {
+  "${PYTHON:-python3}" -c 'import sys, urllib.request
+try:
+    sys.exit(0 if urllib.request.urlopen(sys.argv[1].rstrip("/") + "/health", timeout=5).status == 200 else 1)
+except Exception:
+    sys.exit(1)' "$1"
+}
+
+# Jobs submitted with `slurm/launch.sh ... --mlflow-server=DIR` log to that store's server: wait for the
+# URI file its job writes once it answers (ONEGEN_MLFLOW_URI_FILE, up to ONEGEN_MLFLOW_WAIT s, default
+# 600) and export MLFLOW_TRACKING_URI from it. No server by then: a warning, and the job logs where it
+# would without one (results stay on disk either way; `python -m evaluation log` moves an eval's later).
+onegen_mlflow_from_server() {
+  local f="${ONEGEN_MLFLOW_URI_FILE:-}" waited=0
+  [ -n "$f" ] || return 0
+  while [ ! -s "$f" ]; do
+    if [ -n "${ONEGEN_DRY_RUN:-}" ] || [ "$waited" -ge "${ONEGEN_MLFLOW_WAIT:-600}" ]; then
+      onegen_log "warning: no MLflow server URI in $f after ${waited}s (is its job running? squeue -n onegen-mlflow)"
+      return 0
+    fi
+    sleep 5
+    waited=$((waited + 5))
+  done
+  MLFLOW_TRACKING_URI="$(head -n1 "$f")"
+  export MLFLOW_TRACKING_URI
+  onegen_log "MLflow: the tracking server of $(dirname "$f") at $MLFLOW_TRACKING_URI"
+}

@@ -10,7 +10,8 @@
 # `python -m evaluation run` options (--method, --max-examples, --setting, --k, ...).
 # Environment:
 #   MLFLOW_TRACKING_URI  MLflow server or store (default "train": the store of the checkpoint's own
-#                        training run, so the eval run nests under it)
+#                        training run, where the eval run is linked to it); with ONEGEN_MLFLOW_URI_FILE
+#                        (`slurm/launch.sh --mlflow-server=DIR`) read from the MLflow server job's URI file
 #   MLFLOW_EXPERIMENT    experiment name (default onegen)
 #   INDEX_DIR            where the index goes (default runs/index/<model run>-<dataset>; reused when
 #                        complete for the same checkpoint + data)
@@ -36,6 +37,7 @@ fi
 source "$checkout/slurm/common.sh"
 onegen_setup
 onegen_banner
+onegen_mlflow_from_server  # launch.sh --mlflow-server: MLFLOW_TRACKING_URI from the server's URI file
 [ $# -ge 2 ] || onegen_die "usage: sbatch slurm/eval.sh MODEL_DIR DATA_DIR [evaluation run options]"
 model="$1" data="$2"
 shift 2

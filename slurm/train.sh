@@ -9,7 +9,8 @@
 #
 # Arguments: a YAML recipe (or --config FILE), then key=value overrides, passed to pipeline/train.py
 # unchanged (relative paths are relative to the repository root). $MLFLOW_TRACKING_URI, when set,
-# becomes mlflow_tracking_uri= (an explicit override still wins).
+# becomes mlflow_tracking_uri= (an explicit override still wins); with ONEGEN_MLFLOW_URI_FILE (set by
+# `slurm/launch.sh --mlflow-server=DIR`) it is read from the MLflow server job's URI file first.
 #
 # Preemption / time limit: SLURM sends USR1 to this batch shell 120 s before the end (--signal). The
 # trap below forwards it to the training step; the trainer finishes its current step, writes a
@@ -49,6 +50,7 @@ fi
 source "$checkout/slurm/common.sh"
 onegen_setup
 onegen_banner
+onegen_mlflow_from_server  # launch.sh --mlflow-server: MLFLOW_TRACKING_URI from the server's URI file
 
 [ $# -gt 0 ] || onegen_die "usage: sbatch slurm/train.sh RECIPE.yaml [key=value ...]"
 args=()
@@ -65,6 +67,9 @@ MASTER_ADDR="$(onegen_master_addr)"
 MASTER_PORT="${MASTER_PORT:-$(onegen_master_port)}"
 GPUS_PER_NODE="$(onegen_gpus_per_node)"
 export MASTER_ADDR MASTER_PORT GPUS_PER_NODE
+# A job requeued after its node was lost finds that node's lock on output_dir with a fresh heartbeat
+# (stale only after 120 s, onegen/runlock.py): wait for it to go stale instead of refusing at once.
+export ONEGEN_LOCK_WAIT_S="${ONEGEN_LOCK_WAIT_S:-180}"
 onegen_log "${SLURM_NNODES:-1} node(s) x $([ "$GPUS_PER_NODE" -gt 0 ] && echo "$GPUS_PER_NODE GPU(s)" || echo "CPU ranks") ·" \
   "rendezvous $MASTER_ADDR:$MASTER_PORT · pipeline/train.py ${args[*]}"
 

@@ -45,7 +45,7 @@ def test_experiment_opens_on_the_runs_table_and_eval_runs_are_top_level(tmp_path
     from mlflow import MlflowClient
 
     from evaluation.tracking import TAG_METHOD, TAG_TRAIN_RUN, EvalTracker
-    from pipeline.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+    from onegen.mlflow_store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     train = Tracker(tmp_path / "train", enabled=True, tracking_uri=uri, experiment="qs", run_name="train-onegen")
@@ -68,7 +68,7 @@ def test_experiment_opens_on_the_runs_table_and_eval_runs_are_top_level(tmp_path
 def test_an_existing_experiment_without_a_kind_gets_one_and_a_chosen_kind_is_kept(tmp_path):
     from mlflow import MlflowClient
 
-    from pipeline.tracking import EXPERIMENT_KIND_TAG, ensure_experiment
+    from onegen.mlflow_store import EXPERIMENT_KIND_TAG, ensure_experiment
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     a = client.create_experiment("old")
@@ -76,3 +76,20 @@ def test_an_existing_experiment_without_a_kind_gets_one_and_a_chosen_kind_is_kep
     assert ensure_experiment(client, "old") == a and ensure_experiment(client, "genai") == b
     assert client.get_experiment(a).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
     assert client.get_experiment(b).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
+    """A rerun of the same output dir (a resume) sets the same MLflow run RUNNING again and adds to it."""
+    from mlflow import MlflowClient
+
+    first = Tracker(tmp_path, enabled=True, tracking_uri=None, experiment="x", run_name="r")
+    first.log_metrics({"loss": 2.0}, step=1)
+    first.end("FAILED")  # what a crash leaves
+    again = Tracker(tmp_path, enabled=True, tracking_uri=None, experiment="x", run_name="r")
+    assert again.mlflow_ok and again.run_id == first.run_id
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(again.run_id).info.status == "RUNNING"
+    again.log_metrics({"loss": 1.0}, step=2)
+    again.end("FINISHED")
+    assert [(m.step, m.value) for m in client.get_metric_history(again.run_id, "loss")] == [(1, 2.0), (2, 1.0)]
+    assert client.get_run(again.run_id).info.status == "FINISHED"
