@@ -218,12 +218,12 @@ def test_every_entry_point_sets_the_offline_environment_itself(target):
 
 
 def test_quickstart_stages_get_the_same_environment(monkeypatch):
-    from onegen import quickstart
+    from onegen import stages
 
     for k in offline_defaults():
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("RANK", "3")
-    env = quickstart._env()
+    env = stages.stage_env()
     assert {k: env[k] for k in offline_defaults()} == offline_defaults() and "RANK" not in env
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from onegen import quickstart
+from onegen import stages as stage_mod
 from tests.train_fixtures import ROOT, env
 
 METHODS = ["onegen", "two-pass", "pipeline-bm25", "pipeline-minilm", "no-retrieval"]
@@ -110,7 +111,7 @@ def _stages(out: Path, steps: int = 10, examples: int = 5, world: str = "w1") ->
 
     def st(name, d, fp, inputs, options, keep=False):
         cmd = [sys.executable, "-c", _WRITE, str(d), fp, ran]
-        return quickstart.Stage(name, f"stage {name}", cmd, d, done=[d / "manifest.json"], inputs=inputs,
+        return stage_mod.Stage(name, f"stage {name}", cmd, d, done=[d / "manifest.json"], inputs=inputs,
                                 options=options, keep=keep)
 
     return [st("world", out / "world", world, [], {"--small": True}),
@@ -129,19 +130,19 @@ def _ran(out: Path) -> list[str]:
 
 def test_a_rerun_reuses_only_stages_with_the_same_options(tmp_path, capsys):
     out = tmp_path / "qs"
-    quickstart._run_stages(_stages(out), out)
+    stage_mod.run_stages(_stages(out), out)
     assert _ran(out) == ["world", "train-onegen", "onegen", "cmp"]
-    record = json.loads((out / "train-onegen" / quickstart.STAGE_RECORD).read_text())
+    record = json.loads((out / "train-onegen" / stage_mod.STAGE_RECORD).read_text())
     assert record["options"] == {"--steps": 10} and record["finished"] and record["inputs"] == {"<out>/world": "w1"}
     assert all(str(out) not in c for c in record["command"])  # where --out lies does not matter
 
     capsys.readouterr()
-    quickstart._run_stages(_stages(out), out)
+    stage_mod.run_stages(_stages(out), out)
     assert _ran(out) == [] and capsys.readouterr().out.count("done before, same options") == 4
 
     # another number of eval examples: the evaluation and what reads it run again, training is reused
     (out / "eval" / "onegen" / "stale.txt").write_text("from the old run")
-    quickstart._run_stages(_stages(out, examples=7), out)
+    stage_mod.run_stages(_stages(out, examples=7), out)
     assert _ran(out) == ["onegen", "cmp"]
     assert "eval-onegen was run with --eval-examples 5; this run asks for 7: running it again" in capsys.readouterr().out
     assert not (out / "eval" / "onegen" / "stale.txt").exists()  # the old output is removed first
@@ -149,16 +150,16 @@ def test_a_rerun_reuses_only_stages_with_the_same_options(tmp_path, capsys):
 
 def test_a_trained_model_is_never_replaced_silently(tmp_path):
     out = tmp_path / "qs"
-    quickstart._run_stages(_stages(out), out)
+    stage_mod.run_stages(_stages(out), out)
     _ran(out)
     with pytest.raises(SystemExit) as e:
-        quickstart._run_stages(_stages(out, steps=3), out)
+        stage_mod.run_stages(_stages(out, steps=3), out)
     msg = str(e.value)
     assert "train-onegen was run with --steps 10; this run asks for 3: use another --out or delete" in msg
     assert str(out / "train-onegen") in msg or "qs/train-onegen" in msg
     # the world would change under the trained model: refused before the world is touched
     with pytest.raises(SystemExit) as e:
-        quickstart._run_stages(_stages(out, world="w2"), out)
+        stage_mod.run_stages(_stages(out, world="w2"), out)
     assert "train-onegen was run on another <out>/world" in str(e.value)
     assert _ran(out) == [] and json.loads((out / "world" / "manifest.json").read_text())["fingerprint"] == "w1"
 
@@ -166,11 +167,11 @@ def test_a_trained_model_is_never_replaced_silently(tmp_path):
 def test_an_interrupted_stage_with_the_same_options_resumes_in_place(tmp_path):
     out = tmp_path / "qs"
     stages = _stages(out)
-    quickstart._run_stages(stages, out)
+    stage_mod.run_stages(stages, out)
     _ran(out)
     (out / "train-onegen" / "manifest.json").unlink()  # killed before the export
     (out / "train-onegen" / "checkpoint").write_text("kept")
-    quickstart._run_stages(_stages(out), out)
+    stage_mod.run_stages(_stages(out), out)
     assert _ran(out) == ["train-onegen"] and (out / "train-onegen" / "checkpoint").exists()
 
 
