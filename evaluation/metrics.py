@@ -10,6 +10,13 @@ articles a/an/the as whole words, collapse whitespace) with two documented Unico
 * every Unicode punctuation character (general category ``P*``: curly quotes ’ “ ”, dashes – —,
   guillemets « », ¿ ¡ ...) is deleted like ``string.punctuation``, so "O’Brien" == "O'Brien" and
   "1990–1995" == "1990-1995". Non-ASCII symbols (category ``S*``, e.g. "€", "°") are kept.
+
+``normalization="official"`` (``evaluation run --normalization official``) drops both extensions and
+scores exactly as the official HotpotQA evaluation script: lower-case, delete the ASCII punctuation
+of ``string.punctuation`` only, drop a/an/the, collapse whitespace — no NFC ("Ro\u0308ntgen" !=
+"Röntgen") and Unicode punctuation kept ("O’Brien" -> "o’brien" != "obrien"); F1's yes/no/noanswer
+rule is the same in both. Use it for numbers comparable with published HotpotQA/2Wiki results; the
+default is kinder to generated text with typographic quotes and dashes.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ NIL_ID = "<NIL>"
 _ASCII_PUNCT = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _SPECIAL_ANSWERS = frozenset({"yes", "no", "noanswer"})
+# Answer normalisations (``evaluation run --normalization``): ours, and the official HotpotQA script's.
+NORMALIZATIONS = ("default", "official")
 
 
 # --------------------------------------------------------------------------------------------
@@ -39,24 +48,35 @@ def _is_punct(ch: str) -> bool:
     return ch in _ASCII_PUNCT or (ord(ch) > 127 and unicodedata.category(ch).startswith("P"))
 
 
-def normalize_answer(s: str) -> str:
+def _check_normalization(normalization: str) -> None:
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization {normalization!r}: choose one of {list(NORMALIZATIONS)}")
+
+
+def normalize_answer(s: str, normalization: str = "default") -> str:
     """HotpotQA normalisation: NFC, lower-case, delete punctuation, drop a/an/the, collapse spaces.
 
     Punctuation is deleted (not replaced by a space), as in the official script: "well-known" ->
     "wellknown". Deleting it before dropping articles means "the." is dropped too.
+    ``normalization="official"``: no NFC, and only ``string.punctuation`` is deleted (the official
+    script exactly; see the module docstring).
     """
-    s = unicodedata.normalize("NFC", s.lower())
-    s = "".join(ch for ch in s if not _is_punct(ch))
+    _check_normalization(normalization)
+    if normalization == "official":
+        s = "".join(ch for ch in s.lower() if ch not in _ASCII_PUNCT)
+    else:
+        s = unicodedata.normalize("NFC", s.lower())
+        s = "".join(ch for ch in s if not _is_punct(ch))
     s = _ARTICLES.sub(" ", s)
     return " ".join(s.split())
 
 
-def exact_match(prediction: str, gold: str) -> float:
+def exact_match(prediction: str, gold: str, normalization: str = "default") -> float:
     """1.0 iff the normalised prediction equals the normalised gold, else 0.0."""
-    return float(normalize_answer(prediction) == normalize_answer(gold))
+    return float(normalize_answer(prediction, normalization) == normalize_answer(gold, normalization))
 
 
-def f1(prediction: str, gold: str) -> tuple[float, float, float]:
+def f1(prediction: str, gold: str, normalization: str = "default") -> tuple[float, float, float]:
     """Token F1 over normalised whitespace tokens; returns ``(f1, precision, recall)``.
 
     common = |tokens(pred) ∩ tokens(gold)| as multisets; precision = common / |tokens(pred)|,
@@ -64,7 +84,7 @@ def f1(prediction: str, gold: str) -> tuple[float, float, float]:
     normalised string is "yes", "no" or "noanswer" and the two differ, the result is (0, 0, 0).
     No common token (including both empty) gives (0, 0, 0), as in the official script.
     """
-    p, g = normalize_answer(prediction), normalize_answer(gold)
+    p, g = normalize_answer(prediction, normalization), normalize_answer(gold, normalization)
     if (p in _SPECIAL_ANSWERS or g in _SPECIAL_ANSWERS) and p != g:
         return 0.0, 0.0, 0.0
     p_toks, g_toks = p.split(), g.split()
@@ -76,15 +96,15 @@ def f1(prediction: str, gold: str) -> tuple[float, float, float]:
     return 2 * precision * recall / (precision + recall), precision, recall
 
 
-def best_over_aliases(prediction: str, aliases: Iterable[str]) -> dict[str, float]:
+def best_over_aliases(prediction: str, aliases: Iterable[str], normalization: str = "default") -> dict[str, float]:
     """``{"em": max EM, "f1": max F1}`` over the gold aliases (2Wiki); each max is taken separately.
 
     No aliases gives 0.0 for both.
     """
     em_best, f1_best = 0.0, 0.0
     for alias in aliases:
-        em_best = max(em_best, exact_match(prediction, alias))
-        f1_best = max(f1_best, f1(prediction, alias)[0])
+        em_best = max(em_best, exact_match(prediction, alias, normalization))
+        f1_best = max(f1_best, f1(prediction, alias, normalization)[0])
     return {"em": em_best, "f1": f1_best}
 
 

@@ -59,6 +59,30 @@ def test_unicode_accents_kept_and_unicode_punctuation_removed():
     assert normalize_answer("100 €") == "100 €"  # symbols are not punctuation
 
 
+def test_official_normalization_differs_on_unicode_only():
+    """--normalization official: the HotpotQA script's rules, no NFC, ASCII punctuation only."""
+    off = dict(normalization="official")
+    # Unicode punctuation stays in the official text, goes in ours.
+    assert normalize_answer("O’Brien", **off) == "o’brien" and normalize_answer("O’Brien") == "obrien"
+    assert exact_match("O’Brien", "O'Brien") == 1.0 and exact_match("O’Brien", "O'Brien", **off) == 0.0
+    assert exact_match("1990—1995", "19901995") == 1.0 and exact_match("1990—1995", "19901995", **off) == 0.0
+    assert exact_match("“Hamlet”", "Hamlet", **off) == 0.0
+    assert f1("the “Hamlet” play", "Hamlet play", **off)[0] == pytest.approx(0.5)  # "“hamlet”" != "hamlet"
+    assert f1("the “Hamlet” play", "Hamlet play")[0] == 1.0
+    # No NFC in the official script: a decomposed ö is not a composed one.
+    assert exact_match("Ro\u0308ntgen", "R\u00f6ntgen") == 1.0
+    assert exact_match("Ro\u0308ntgen", "R\u00f6ntgen", **off) == 0.0
+    # ASCII punctuation, articles, case and whitespace: the same in both.
+    for a, b in (("U.S.A.", "usa"), ("The  Beatles!", "beatles"), ("well-known", "wellknown"), ("Yes.", "yes")):
+        assert exact_match(a, b, **off) == exact_match(a, b) == 1.0
+    assert normalize_answer("  The\tNew York, a City ", **off) == "new york city"
+    assert f1("yes", "yes sir", **off) == (0.0, 0.0, 0.0) and f1("no answer", "noanswer", **off) == (0.0, 0.0, 0.0)
+    assert best_over_aliases("O’Brien", ["Obrien", "x"], **off) == {"em": 0.0, "f1": 0.0}
+    assert best_over_aliases("O’Brien", ["Obrien", "x"]) == {"em": 1.0, "f1": 1.0}
+    with pytest.raises(ValueError, match="choose one of"):
+        normalize_answer("x", normalization="squad")
+
+
 def test_yes_no_rule():
     assert f1("yes", "no") == (0.0, 0.0, 0.0)
     # "yes" vs "yes sir": a token overlaps, but the prediction is special and differs -> 0
