@@ -101,8 +101,8 @@ class QuestionResult:
     example_id: str
     question: str
     output_text: str  # everything after the prompt, special tokens and inserted paragraphs included
-    answer: str  # text after the template's "Answer:" marker, stripped ("" when absent)
-    answer_found: bool
+    answer: str  # text after the template's last "Answer:" marker, stripped ("" when absent): ``final_answer``
+    answer_found: bool  # a non-empty final answer parsed AND the generation ended with EOS (``answer_of``)
     hops: list[Hop]
     gold_answers: list[str]
     gold_hops: list[str]
@@ -136,12 +136,22 @@ def answer_marker(rt: Runtime) -> str:
     return rt.tagger.cfg.rag.answer.split("{answer}")[0].strip() or "Answer:"
 
 
-def extract_answer(text: str, marker: str) -> tuple[str, bool]:
-    """The text after the last ``marker`` (stripped), and whether the marker was there."""
+def final_answer(text: str, marker: str = "Answer:") -> str | None:
+    """The final answer of a generation's own text: what follows the last ``marker``, stripped; None
+    when the marker is absent or nothing follows it. The one parser of answers (``answer_of``)."""
     i = text.rfind(marker)
     if i < 0:
-        return "", False
-    return text[i + len(marker):].strip(), True
+        return None
+    return text[i + len(marker):].strip() or None
+
+
+def answer_of(text: str, marker: str, stop_reason: str) -> tuple[str, bool]:
+    """``(answer, answer_found)`` of a generation: the answer scored ("" when none was parsed), and
+    whether the model *finished* with one — a non-empty final answer parsed AND the generation ended
+    with EOS. A generation cut at the token limit (e.g. looping "Search: ... Answer: ..." until
+    ``max_new_tokens``) is not an answer found, whatever its text holds."""
+    parsed = final_answer(text, marker)
+    return parsed or "", parsed is not None and stop_reason == "eos"
 
 
 def _banned(rt: Runtime, keys: Sequence[str]) -> torch.Tensor:
@@ -187,17 +197,22 @@ class _Decoder:
         assert isinstance(self.session, KVSession)
         return drive(self.steps(row, round_idx), self.session)
 
-    def steps(self, row: dict, round_idx: int = 0) -> Steps:
-        cfg, s, tok_ = self.cfg, self.session, self.rt.tokenizer
-        t0 = time.perf_counter()
-        f0, retriever_forwards = Counter(s.forwards), 0
+    def _prompt(self, row: dict, round_idx: int) -> list[int]:
+        """The row's prompt; in a dialogue's later rounds without its BOS, after an EOS closing the last round."""
         prompt = list(row["input_ids"][: int(row["prompt_len"])])
         if round_idx > 0:
             bos = self.rt.tokenizer.bos_token_id
             if prompt and self.rt.tagger.bos and prompt[0] == bos:
                 prompt = prompt[1:]
-            if s.context and s.context[-1] != self.eos:
+            if self.session.context and self.session.context[-1] != self.eos:
                 prompt = [self.eos] + prompt  # close the previous round's answer
+        return prompt
+
+    def steps(self, row: dict, round_idx: int = 0) -> Steps:
+        cfg, s, tok_ = self.cfg, self.session, self.rt.tokenizer
+        t0 = time.perf_counter()
+        f0, retriever_forwards = Counter(s.forwards), 0
+        prompt = self._prompt(row, round_idx)
         candidates = list(row["candidates"]) if cfg.setting == "distractor" and row.get("candidates") else None
         setting = "distractor" if candidates is not None else "open"
         limit = cfg.force_new_tokens or cfg.max_new_tokens
@@ -256,8 +271,7 @@ class _Decoder:
             if len(generated) >= limit:
                 continue  # stop at the loop top without feeding a token nobody needs
             out = yield "decode"
-        own_text = tok_.decode(own, skip_special_tokens=True)
-        answer, found = extract_answer(own_text, self.marker)
+        answer, found = answer_of(tok_.decode(own, skip_special_tokens=True), self.marker, stop)
         f1 = s.forwards - f0
         return QuestionResult(
             example_id=str(row.get("example_id", "")), question=row.get("question", ""),

@@ -6,8 +6,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
-from evaluation.generate import GenerationConfig, answer_row, extract_answer, run_dialogue, run_questions
+from evaluation.generate import (GenerationConfig, answer_of, answer_row, final_answer, run_dialogue,
+                                 run_questions)
 from evaluation.index import build_index, open_index
 from evaluation.retrievers import (BM25Retriever, DenseRetriever, NoRetriever, OneGenRetriever, RetrievalStep,
                                    TwoPassRetriever, build_retriever)
@@ -192,8 +194,49 @@ def test_max_hops_masks_rq_and_config_errors(setup):
         GenerationConfig(max_new_tokens=0)
     with pytest.raises(ValueError, match="hidden state"):
         OneGenRetriever(idx).retrieve(RetrievalStep(question="q", generated_text="", k=1))
-    assert extract_answer(" Search: Answer:  Nedu ", "Answer:") == ("Nedu", True)
-    assert extract_answer(" Search:", "Answer:") == ("", False)
+
+
+def test_final_answer_is_the_one_parser():
+    assert final_answer(" Search: Answer:  Nedu ") == "Nedu"
+    assert final_answer(" Answer: A Search: Answer: B") == "B"  # the last marker
+    assert final_answer(" Search:") is None and final_answer(" Search: Answer:  ") is None
+    assert answer_of(" Answer: Nedu", "Answer:", "eos") == ("Nedu", True)
+    # Cut at the token limit: the text is still scored, but no answer was *found* (the model never finished).
+    assert answer_of(" Search: Answer: Nedu Search: Answer: Nedu", "Answer:", "max_new_tokens") == ("Nedu", False)
+    assert answer_of(" Search: Answer:", "Answer:", "eos") == ("", False)  # EOS right after the marker
+    assert answer_of(" Search: Nedu", "Answer:", "eos") == ("", False)
+
+
+def _scripted(rt, text: str, eos: bool):
+    """A hook on the LM head that makes the model write ``text`` (then EOS, or ``text`` again and again)."""
+    ids = rt.tokenizer.encode(text, add_special_tokens=False)
+    script = ids + [rt.eos_id] if eos else ids * 50
+    calls = {"n": 0}
+
+    def hook(module, args, out):
+        forced = torch.full_like(out, -1e4)
+        forced[..., script[min(calls["n"], len(script) - 1)]] = 1e4
+        calls["n"] += 1
+        return forced
+
+    return rt.model.get_output_embeddings().register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("eos", [True, False])
+def test_answer_found_needs_eos_and_a_parsed_answer(setup, eos):
+    rt, idx, data = setup
+    row = data.query_rows([0])[0]
+    handle = _scripted(rt, " Search: Answer: Nedu", eos)
+    try:
+        r = answer_row(rt, row, NoRetriever(), GenerationConfig(max_new_tokens=30, max_hops=0))
+    finally:
+        handle.remove()
+    assert "Answer:" in r.output_text and r.answer.startswith("Nedu")
+    if eos:
+        assert r.stop_reason == "eos" and r.answer == "Nedu" and r.answer_found
+    else:  # looped "Search: ... Answer: ..." to the token limit: "Answer:" is there, but no answer was found
+        assert r.stop_reason == "max_new_tokens" and r.output_text.count("Answer:") >= 2 and not r.answer_found
+    assert summarize_rag([r], k=1)["answer_found"] == float(eos)
 
 
 def test_dialogue_one_context(setup):
