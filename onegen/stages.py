@@ -223,5 +223,12 @@ def run_stages(stages: list[Stage], out: Path) -> None:
                 shutil.rmtree(st.out)
         st.record.parent.mkdir(parents=True, exist_ok=True)
         st.record.write_text(json.dumps({**cur, "finished": False}, indent=2))
+        t0 = time.time()
         run_command(st.cmd, out / "logs" / f"{st.name}.log", st.title)
-        st.record.write_text(json.dumps({**cur, "finished": True}, indent=2))
+        # the wall time of the run that finished it (a resumed stage: of its last part)
+        st.record.write_text(json.dumps({**cur, "finished": True, "seconds": round(time.time() - t0, 1)}, indent=2))
+
+
+def stage_seconds(stages: list[Stage]) -> dict[str, float | None]:
+    """Each stage's recorded wall time (None: reused from a run that did not record it)."""
+    return {st.name: (_read_record(st) or {}).get("seconds") for st in stages}
