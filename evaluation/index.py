@@ -12,6 +12,16 @@ state, L2-normalised, via ``pipeline.encode`` — the vectors training used) and
 The directory is written under a temporary name and renamed when complete, manifest last: an
 interrupted build never leaves a directory that ``open_index`` accepts.
 
+Documents are encoded shortest first (all of them sorted by token count, then batched), so a batch
+pads to about its own length; the vectors are written back in ``docs/`` order, which the index keeps.
+
+Subset indexes (``rows=N``; ``evaluation run --max-examples N`` in the distractor setting, ``evaluation
+index --rows N``): only the documents the first N query rows can retrieve — their candidate
+paragraphs and gold positives — are encoded, in ``docs/`` order. The manifest's ``subset``
+(``{"rows": N, "docs": ..., "of_docs": ...}``; None for a full index) says so: such an index is
+reused only for runs over at most those N rows in the distractor setting (``index_reuse``), and
+refuses an open-setting search.
+
 Kinds: ``flat`` (``IndexFlatIP``, exact, default), ``ivf`` (``IndexIVFFlat``, nlist ≈ √N,
 approximate), ``hnsw`` (``IndexHNSWFlat``, approximate). With faiss-gpu and CUDA, flat/ivf
 indexes are searched on the GPUs, *sharded* (each GPU holds 1/n of the vectors; faiss's default
@@ -142,14 +152,6 @@ def _make_faiss(emb: np.ndarray, kind: str, params: IndexParams) -> tuple[object
     return (faiss.index_gpu_to_cpu(work) if gpu else work), used
 
 
-def _read_docs_in_chunks(docs, chunk: int):
-    """(doc_ids, input_ids) in slices of the memory-mapped ``docs/`` table."""
-    cols = docs.select_columns(["doc_id", "input_ids"])
-    for s in range(0, len(cols), chunk):
-        part = cols[s:s + chunk]
-        yield part["doc_id"], part["input_ids"]
-
-
 def _runtime_for(model_dir: str | Path, data: Any, fingerprint: str, runtime: Any, device: str | None, dtype: str,
                  attn: str) -> Any:
     """The given runtime (checked to hold ``model_dir``'s checkpoint), else ``model_dir`` loaded."""
@@ -166,19 +168,20 @@ def _runtime_for(model_dir: str | Path, data: Any, fingerprint: str, runtime: An
 
 def build_index(model_dir: str | Path, prepared_dir: str | Path, out_dir: str | Path, *, kind: IndexKind = "flat",
                 batch_size: int = 64, device: str | None = None, params: IndexParams | None = None,
-                runtime=None, progress: bool = True, dtype: str = "auto", attn: str = "auto") -> dict:
+                runtime=None, progress: bool = True, dtype: str = "auto", attn: str = "auto",
+                rows: int | None = None) -> dict:
     """Encode every document of ``prepared_dir/docs`` with the checkpoint and write an index dir.
 
-    ``runtime``: an already loaded :class:`evaluation.runtime.Runtime` of ``model_dir`` to reuse
-    (its dtype/attention are recorded); else the model is loaded on ``device`` with ``dtype`` /
-    ``attn`` (``evaluation.runtime.resolve_precision``). The vectors are float32 whatever the dtype.
+    ``rows``: only the documents of the first ``rows`` query rows (``subset_doc_ids``: a subset
+    index, recorded in the manifest's ``subset``). ``runtime``: an already loaded
+    :class:`evaluation.runtime.Runtime` of ``model_dir`` to reuse (its dtype/attention are recorded);
+    else the model is loaded on ``device`` with ``dtype`` / ``attn``
+    (``evaluation.runtime.resolve_precision``). The vectors are float32 whatever the dtype.
     Returns the index manifest.
     """
-    import torch
-
     from evaluation.checks import model_manifest
+    from evaluation.doc_select import doc_positions, encode_into, subset_doc_ids
     from pipeline.data import open_prepared
-    from pipeline.encode import encode_documents
 
     if kind not in KINDS:
         raise ConfigError(f"index kind {kind!r} is not one of {list(KINDS)}")
@@ -190,10 +193,14 @@ def build_index(model_dir: str | Path, prepared_dir: str | Path, out_dir: str | 
     # One writer: the lock lives beside the dir, which a finished build replaces by a rename.
     with DirLock(out_dir, lock_path=out_dir.parent / f".{out_dir.name}{LOCK_NAME}"):
         data = open_prepared(prepared_dir)
+        all_ids = data.docs["doc_id"]
+        if len(data.doc_index) != len(all_ids):
+            raise ManifestMismatch(f"{prepared_dir}/docs holds duplicate doc ids; the index needs unique ids")
+        positions = doc_positions(data, subset_doc_ids(data, rows) if rows is not None else None)
+        subset = None if rows is None else {"rows": min(rows, len(data)), "docs": len(positions), "of_docs": len(all_ids)}
         mman = model_manifest(model_dir)
         runtime = _runtime_for(model_dir, data, mman["fingerprint"], runtime, device, dtype, attn)
-        n = len(data.docs)
-        dim = int(runtime.model.config.hidden_size)
+        n, dim = len(positions), int(runtime.model.config.hidden_size)
 
         _remove_leftovers(out_dir)
         tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
@@ -201,24 +208,13 @@ def build_index(model_dir: str | Path, prepared_dir: str | Path, out_dir: str | 
         tmp.mkdir(parents=True)
         try:
             emb = np.lib.format.open_memmap(tmp / EMBEDDINGS, mode="w+", dtype=np.float32, shape=(n, dim))
-            doc_ids: list[str] = []
-            # Chunks of many batches: encode_documents sorts each chunk by length (less padding).
-            chunk = batch_size * 16
             bar = tqdm(total=n, desc=f"index {Path(prepared_dir).name}", unit="doc", disable=not progress)
-            with torch.no_grad():
-                for ids_part, rows in _read_docs_in_chunks(data.docs, chunk):
-                    vecs = encode_documents(runtime.model, rows, runtime.pad_id, batch_size)
-                    if vecs.shape[1] != dim:
-                        raise ManifestMismatch(f"encoded vectors have dimension {vecs.shape[1]}, "
-                                               f"the model config says {dim}")
-                    emb[len(doc_ids):len(doc_ids) + len(rows)] = vecs
-                    doc_ids += ids_part
-                    bar.update(len(rows))
+            t_enc = time.perf_counter()
+            encode_into(emb, runtime, data.docs, positions, batch_size, bar)
+            t_enc = time.perf_counter() - t_enc
             bar.close()
             emb.flush()
-            if len(set(doc_ids)) != len(doc_ids):
-                raise ManifestMismatch(f"{prepared_dir}/docs holds duplicate doc ids; the index needs unique ids")
-            (tmp / DOC_IDS).write_text(json.dumps(doc_ids))
+            (tmp / DOC_IDS).write_text(json.dumps([all_ids[p] for p in positions]))
             index, used = _make_faiss(np.asarray(emb), kind, params)
             del emb
             _faiss().write_index(index, str(tmp / FAISS_FILE))
@@ -227,10 +223,10 @@ def build_index(model_dir: str | Path, prepared_dir: str | Path, out_dir: str | 
                 tmp, "index", fingerprint=fingerprint_files(tmp, files),
                 model_fingerprint=mman["fingerprint"], model_dir=str(Path(model_dir).resolve()),
                 prepared_fingerprint=data.fingerprint, prepared_dir=str(Path(prepared_dir).resolve()),
-                task=data.task, count=n, dim=dim, metric="ip", normalized=True, kind=kind, params=used,
+                task=data.task, count=n, dim=dim, metric="ip", normalized=True, kind=kind, params=used, subset=subset,
                 ret_tokens=runtime.tagger.tokens.doc_ret_tokens(), faiss_version=_faiss().__version__,
                 **runtime.precision_record(), faiss_gpu={"shard": True, "fp16": bool(params.faiss_fp16)},
-                build_seconds=round(time.perf_counter() - t0, 3),
+                encode_seconds=round(t_enc, 3), build_seconds=round(time.perf_counter() - t0, 3),
             )
             _replace_dir(tmp, out_dir)
         except BaseException:
@@ -339,6 +335,10 @@ class DocIndex:
             top = np.argsort(-scores, kind="stable")[:k]
             out[i] = [(str(cands[j]), float(scores[j])) for j in top]
         if open_rows:
+            if self.manifest.get("subset"):
+                sub = self.manifest["subset"]
+                raise ManifestMismatch(f"{self.path}: a subset index (the {sub['docs']} documents of the first "
+                                       f"{sub['rows']} rows) cannot answer an open-setting search; use a full index")
             if self._faiss is None:
                 raise ManifestMismatch(f"{self.path}: this index has no faiss index for the open setting")
             scores, ids = self._faiss.search(q[open_rows], min(k, max(len(self), 1)))

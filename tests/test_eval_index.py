@@ -119,3 +119,77 @@ def test_index_of_trained_checkpoint(trained_model, world, tmp_path):  # noqa: F
     assert man["task"] == "el" and man["ret_tokens"] == ["[RD]", "[SE]"]
     top = [h[0][0] for h in idx.search(np.asarray(idx.embeddings), k=1)]
     assert np.mean([t == d for t, d in zip(top, idx.doc_ids)]) > 0.9  # duplicates of a name may tie
+
+
+def test_documents_are_encoded_shortest_first_and_kept_in_docs_order(random_model, world, tmp_path, monkeypatch):  # noqa: F811
+    import pipeline.encode as enc
+
+    seen: list[list[int]] = []
+    real = enc.encode_documents
+
+    def spy(model, rows, pad_id, batch_size=64):
+        seen.append([len(r) for r in rows])
+        return real(model, rows, pad_id, batch_size)
+
+    monkeypatch.setattr(enc, "encode_documents", spy)
+    out = tmp_path / "sorted"
+    build_index(random_model, world / "rag_dev", out, batch_size=2, progress=False)  # chunks of 32 docs
+    data = open_prepared(world / "rag_dev")
+    lengths = [n for chunk in seen for n in chunk]
+    assert len(seen) == 2 and len(lengths) == len(data.docs)
+    assert lengths == sorted(lengths) and lengths != [len(r) for r in data.docs["input_ids"]]  # all docs sorted, not per chunk
+    # ... and each vector is still its own document's (row i = doc_ids[i], in docs/ order): a lone, unpadded forward.
+    idx = open_index(out, random_model)
+    assert idx.doc_ids == list(data.docs["doc_id"])
+    from evaluation.runtime import load_runtime
+    from pipeline.encode import hidden_at
+
+    rt = load_runtime(random_model, data, device="cpu")
+    for i in (0, 7, len(idx) - 1):
+        row = data.docs[i]["input_ids"]
+        alone = hidden_at(rt.model, [row], [[len(row) - 1]], rt.pad_id)[0][0]
+        np.testing.assert_allclose(idx.embeddings[i], alone, atol=1e-5)
+
+
+def test_subset_index_holds_the_rows_documents_and_says_so(rag_index, random_model, world, tmp_path):  # noqa: F811
+    from evaluation.index_reuse import check_given_index, ensure_index, existing_index_ok
+    from onegen.errors import ConfigError
+
+    full_dir, full = rag_index
+    data = open_prepared(world / "rag_dev")
+    rows = data.query_rows([0, 1, 2])
+    want = set().union(*(set(r["candidates"]) | set(r["positives"]) for r in rows))
+    out = tmp_path / "sub"
+    man = build_index(random_model, world / "rag_dev", out, rows=3, progress=False)
+    assert man["subset"] == {"rows": 3, "docs": len(want), "of_docs": len(data.docs)} and man["count"] == len(want)
+    assert full["subset"] is None and len(want) < len(data.docs)
+    idx, whole = open_index(out, random_model), open_index(full_dir, random_model)
+    assert idx.doc_ids == [d for d in data.docs["doc_id"] if d in want]  # docs/ order
+    np.testing.assert_allclose(np.asarray(idx.embeddings), np.stack([whole.vector(d) for d in idx.doc_ids]), atol=1e-5)
+    # The distractor setting of those rows is served exactly as by the full index; the open setting is refused.
+    cands = list(rows[1]["candidates"])
+    q = whole.vector(cands[0])[None]
+    (got,), (ref,) = idx.search(q, 3, [cands]), whole.search(q, 3, [cands])
+    assert [d for d, _ in got] == [d for d, _ in ref] and np.allclose([s for _, s in got], [s for _, s in ref], atol=1e-5)
+    with pytest.raises(ManifestMismatch, match="subset index"):
+        idx.search(q, 3)
+    # Reuse: only for requests over at most those rows; a full index serves everything.
+    fps = (man["model_fingerprint"], man["prepared_fingerprint"], "flat")
+    assert existing_index_ok(out, *fps, None, rows=3) == (True, "complete")
+    assert existing_index_ok(out, *fps, None, rows=2)[0] is True
+    ok, why = existing_index_ok(out, *fps, None, rows=4)
+    assert not ok and "subset index" in why and "first 4 rows" in why
+    ok, why = existing_index_ok(out, *fps)
+    assert not ok and "every document" in why
+    assert existing_index_ok(full_dir, *fps, None, rows=3) == (True, "complete")
+    prec = {"dtype": man["dtype"], "attn": man["attn"]}
+    with pytest.raises(ManifestMismatch, match="subset index"):
+        check_given_index(out, random_model, world / "rag_dev", data.manifest, prec, print, rows=None)
+    check_given_index(out, random_model, world / "rag_dev", data.manifest, prec, print, rows=3)
+    logs: list[str] = []
+    man2, built = ensure_index(random_model, world / "rag_dev", out, log=logs.append, progress=False)  # a full run
+    assert built and man2["subset"] is None and man2["count"] == len(data.docs)
+    assert any("rebuilding, it is a subset index" in m for m in logs)
+    # Entity-linking rows have no candidates: an index of "their own documents" is meaningless.
+    with pytest.raises(ConfigError, match="no candidate paragraphs"):
+        build_index(random_model, world / "el_dev", tmp_path / "el_sub", rows=2, progress=False)
