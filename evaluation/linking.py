@@ -241,3 +241,70 @@ def summarize_linking(results: Sequence[LinkResult]) -> dict[str, Any]:
     out["n"] = len(results)
     out["stop_reasons"] = dict(Counter(r.stop_reason for r in results))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Linking given the gold mentions: OneGen's own [LK] states vs a name-match baseline, same KB
+# --------------------------------------------------------------------------------------------
+
+
+def gold_link_accuracy(results: Sequence[LinkResult]) -> dict[str, Any]:
+    """OneGen's linking accuracy on gold mentions, from ``run_linking(..., gold_mentions=True)``: gold
+    link j of a text (its ``positives[j]``) is right iff the top-1 entity of the j-th ``[LK]`` is it;
+    ``acc`` = right / gold links (None without any)."""
+    right = total = 0
+    for r in results:
+        for j, gold in enumerate(r.gold_links):
+            top = r.links[j].retrieved[:1] if j < len(r.links) else []
+            total += 1
+            right += int(bool(top) and top[0][0] == gold)
+    return {"acc": right / total if total else None, "right": right, "n": total}
+
+
+def name_key(s: str) -> str:
+    """How the name-match baseline compares names: lower-cased, whitespace collapsed."""
+    return " ".join(s.lower().split())
+
+
+def linked_gold_mentions(mentions: Sequence[dict]) -> list[tuple[int, int, str]]:
+    """The gold mentions that carry an ``[LK]`` in the prepared row, in order (one per ``positives``
+    entry): the tagger's rule — NIL mentions are not linked, a mention overlapping the previous
+    linked one is dropped."""
+    out: list[tuple[int, int, str]] = []
+    cursor = 0
+    for m in mentions:
+        start, end, entity = int(m["start"]), int(m["end"]), str(m["entity_id"])
+        if entity == NIL_ID or start < cursor:
+            continue
+        out.append((start, end, entity))
+        cursor = end
+    return out
+
+
+def name_match_baseline(data: Any, kb_ids: Sequence[str], indices: Sequence[int]) -> dict[str, Any]:
+    """Link each gold mention of the rows ``indices`` by name alone, over the KB ``kb_ids`` (the
+    entity index's documents): the entity whose name (its document title) equals the mention's
+    surface text after ``name_key``; several such entities -> the first by doc id (string order;
+    counted in ``ambiguous``); none -> wrong (``no_name``). ``acc`` = right / gold links."""
+    titles = dict(zip(data.docs["doc_id"], data.docs["title"]))
+    by_name: dict[str, list[str]] = {}
+    for d in kb_ids:
+        key = name_key(titles.get(d) or "")
+        if key:  # an entity without a name matches nothing
+            by_name.setdefault(key, []).append(d)
+    right = total = ambiguous = no_name = 0
+    cols = data.queries.select_columns(["question", "mentions"])
+    indices = list(indices)
+    for s in range(0, len(indices), 512):
+        part = cols[indices[s:s + 512]]
+        for text, mentions in zip(part["question"], part["mentions"]):
+            for start, end, entity in linked_gold_mentions(mentions or []):
+                total += 1
+                names = by_name.get(name_key(text[start:end]))
+                if not names:
+                    no_name += 1
+                    continue
+                ambiguous += int(len(names) > 1)
+                right += int(min(names) == entity)
+    return {"acc": right / total if total else None, "right": right, "n": total, "ambiguous": ambiguous,
+            "no_name": no_name, "kb_size": len(kb_ids)}

@@ -157,3 +157,72 @@ def test_batched_linking_gives_the_batch_1_results(el_setup):
                 np.testing.assert_allclose(la.query, lb.query, atol=1e-4)
         if gold:  # replaying the gold output links every gold mention
             assert sum(len(r.links) for r in together) == sum(len(r["positives"]) for r in data.query_rows(indices))
+
+
+def test_gold_link_accuracy_is_onegens_top1_on_the_replayed_gold_links(el_setup):
+    from evaluation.index import DocIndex
+    from evaluation.linking import gold_link_accuracy
+    from evaluation.teacher_forced import teacher_forced_recall
+
+    rt, idx, data = el_setup
+    indices = list(range(len(data)))
+    replayed = run_linking(rt, idx, LinkConfig(k=3), indices, gold_mentions=True, progress=False)
+    acc = gold_link_accuracy(replayed)
+    gold = [g for r in data.query_rows(indices) for g in r["positives"]]
+    tops = [l.retrieved[0][0] for r in replayed for l in r.links]
+    assert acc["n"] == len(gold) == len(tops) > 0 and acc["right"] == sum(t == g for t, g in zip(tops, gold))
+    assert acc["acc"] == pytest.approx(acc["right"] / acc["n"])
+    # The same [LK] states as the teacher-forced pass (gold context, causal): the same top-1 up to float ties.
+    tf = teacher_forced_recall(rt, idx, setting="open", batch_size=4, progress=False)
+    assert tf["n"] == acc["n"] and abs(tf["recall@1"] - acc["acc"]) <= 1 / acc["n"]
+    # A KB whose entity vectors ARE the gold [LK] states: every gold link is right; with the labels rolled, none.
+    q = np.stack([l.query for r in replayed for l in r.links])
+    ids = [f"{g}#{i}" for i, g in enumerate(gold)]  # one vector per link (an entity may be linked twice)
+    exact = DocIndex.from_arrays(ids, q)
+    perfect = run_linking(rt, exact, LinkConfig(k=1), indices, gold_mentions=True, progress=False)
+    right = [l.retrieved[0][0] for r in perfect for l in r.links]
+    assert [x.split("#")[0] for x in right] == gold
+    assert gold_link_accuracy([_relabel(r) for r in perfect])["acc"] == 1.0
+    rolled = DocIndex.from_arrays(ids[1:] + ids[:1], q)
+    wrong = run_linking(rt, rolled, LinkConfig(k=1), indices, gold_mentions=True, progress=False)
+    assert gold_link_accuracy([_relabel(r) for r in wrong])["acc"] < 0.5
+
+
+def _relabel(r):
+    """Strip the ``#i`` suffix of the test KB's ids from a result's retrieved entities."""
+    for l in r.links:
+        l.retrieved = [(d.split("#")[0], s) for d, s in l.retrieved]
+    return r
+
+
+def _kb(docs: list[tuple[str, str]], texts: list[tuple[str, list[tuple[int, int, str]]]]):
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    d = Dataset.from_dict({"doc_id": [i for i, _ in docs], "title": [t for _, t in docs]})
+    q = Dataset.from_dict({"question": [t for t, _ in texts],
+                           "mentions": [[{"start": s, "end": e, "entity_id": x} for s, e, x in ms] for _, ms in texts]})
+    return SimpleNamespace(docs=d, queries=q)
+
+
+def test_name_match_baseline_by_hand():
+    from evaluation.linking import linked_gold_mentions, name_match_baseline
+
+    text = "Paris and  Texas   City met Rome; Zed Zed."
+    #       0         10        20        30        40
+    assert [text[s:e] for s, e in ((0, 5), (11, 23), (28, 32), (34, 41))] == ["Paris", "Texas   City", "Rome", "Zed Zed"]
+    mentions = [(0, 5, "E2"), (11, 23, "E3"), (28, 32, "E9"), (34, 37, NIL_ID), (34, 41, "E4"), (38, 41, "E5")]
+    data = _kb([("E3", "texas city"), ("E2", "Paris"), ("E1", "PARIS"), ("E4", "Zed Zed"), ("E5", "Zed"), ("E6", "")],
+               [(text, mentions), ("Zed", [(0, 3, "E5")])])
+    # NIL not linked; (38, 41) overlaps the linked (34, 41): dropped, as the tagger drops it (no [LK] for it).
+    assert linked_gold_mentions([{"start": s, "end": e, "entity_id": x} for s, e, x in mentions]) == \
+        [(0, 5, "E2"), (11, 23, "E3"), (28, 32, "E9"), (34, 41, "E4")]
+    got = name_match_baseline(data, ["E1", "E2", "E3", "E4", "E5", "E6"], [0, 1])
+    # "Paris": E1 and E2 share the name -> E1 (first by doc id), wrong; "Texas   City" -> E3 right (case,
+    # whitespace); "Rome": no such name, wrong; "Zed Zed" -> E4 right; "Zed" -> E5 right.
+    assert got == {"acc": 3 / 5, "right": 3, "n": 5, "ambiguous": 1, "no_name": 1, "kb_size": 6}
+    # Over a KB without E1, "Paris" is E2's alone; the baseline only sees the KB it is given.
+    got = name_match_baseline(data, ["E2", "E3", "E4", "E5"], [0])
+    assert got["acc"] == 3 / 4 and got["ambiguous"] == 0 and got["kb_size"] == 4
+    assert name_match_baseline(data, ["E2"], [])["acc"] is None
