@@ -2,7 +2,8 @@
 
 Commands:
   index     encode every document of a prepared dataset with the checkpoint ([RD]/[SE] states) into a
-            faiss index dir; a complete index of the same checkpoint + data is reused (cheap rerun)
+            faiss index dir (--rows N: only the first N rows' candidates + gold); a complete index of the
+            same checkpoint + data is reused (cheap rerun)
   run       one method on one prepared dataset -> RESULTS_DIR (predictions.jsonl, metrics.json,
             plots/) + one MLflow run linked to the checkpoint's training run
   compare   the eval runs of an MLflow experiment side by side (rich table, PNG, CSV, markdown)
@@ -17,9 +18,16 @@ Methods (RAG; the task is read from the prepared dataset's manifest):
   no-retrieval     an empty paragraph is inserted at every [RQ]
 Entity-linking datasets are evaluated with --method onegen only ([LK] states vs the [SE] index).
 
-Metrics: EM/F1 (HotpotQA normalisation); Recall@1 by gold doc id in free generation (hop-aligned)
-and teacher-forced (gold context; for pipelines the separate retriever with question + gold text
-before [RQ]); EL micro P/R/F1 (GERBIL strong match) + mention-detection F1; tokens/s, s/question.
+Metrics: EM/F1 (HotpotQA normalisation; --normalization official: the official script exactly);
+answer_found (a non-empty final answer before EOS); Recall@1 by gold doc id in free generation
+(hop-aligned) and teacher-forced (gold context; for pipelines the separate retriever with question +
+gold text before [RQ]); EL micro P/R/F1 (GERBIL strong match) + mention-detection F1, linking
+accuracy on gold mentions (el_link_acc_gold) vs a name-match baseline (el_name_match_acc_gold) over
+the same KB (kb_size entities); tokens/s, s/question.
+
+Index of a run: with --max-examples N in the distractor setting, only the documents the N rows can
+retrieve (their candidates + gold) are encoded; the index manifest records the subset, and it is
+reused only for runs over at most those rows.
 
 Precision: --dtype / --attn (default on CUDA: bf16 + flash-attn when installed, else fp32 + sdpa); the
 choice is printed, written in the index manifest and logged as MLflow params. faiss on several GPUs
@@ -53,12 +61,13 @@ import sys
 from pathlib import Path
 
 from onegen.environment import apply_offline_defaults
-from onegen.errors import OneGenError
+from onegen.errors import ConfigError, OneGenError
 
 METHOD_NAMES = ["onegen", "two-pass", "pipeline-bm25", "pipeline-minilm", "no-retrieval"]  # = run.METHODS
 # = "auto" + onegen.devices.DTYPES / ATTENTIONS (spelled out: `--help` does not import torch; a test checks)
 DTYPE_NAMES = ["auto", "fp32", "bf16", "fp16"]
 ATTN_NAMES = ["auto", "sdpa", "eager", "flash_attention_2"]
+NORMALIZATION_NAMES = ("default", "official")  # = evaluation.metrics.NORMALIZATIONS (a test checks)
 DEFAULT_COMPARE_URI_DB = Path("runs") / "eval" / "mlflow.db"
 
 
@@ -90,7 +99,11 @@ def _parser() -> argparse.ArgumentParser:
     pi.add_argument("--out", required=True, help="index dir to write")
     pi.add_argument("--kind", choices=["flat", "ivf", "hnsw"], default="flat",
                     help="flat: exact inner product (default); ivf / hnsw: approximate, for large pools")
-    pi.add_argument("--batch-size", type=int, default=64, help="documents per forward")
+    pi.add_argument("--batch-size", type=int, default=64, help="documents per forward (sorted by length first)")
+    pi.add_argument("--rows", type=int, metavar="N",
+                    help="encode only the documents the first N query rows can retrieve in the distractor setting "
+                         "(their candidates + gold positives): a subset index, recorded in its manifest and used only "
+                         "by runs over at most N rows (default: every document)")
     pi.add_argument("--device", help="cpu / cuda (default: cuda when available)")
     _add_precision_args(pi)
     pi.add_argument("--force", action="store_true", help="rebuild even if a complete index is there")
@@ -117,6 +130,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="insert [RQ] after every N generated tokens instead of letting the model decide (smoke "
                          "tests of an untrained checkpoint; not a benchmark setting)")
     pr.add_argument("--k", type=int, default=5, help="documents retrieved per query (top-1 inserted; recall@k)")
+    pr.add_argument("--normalization", choices=list(NORMALIZATION_NAMES), default="default",
+                    help="answer normalisation of EM/F1. default: the HotpotQA rules (lower-case, delete punctuation, "
+                         "drop a/an/the, collapse whitespace) plus NFC and deleting Unicode punctuation too (curly "
+                         "quotes, dashes: O’Brien == O'Brien). official: exactly the official HotpotQA script "
+                         "(ASCII string.punctuation only, no NFC), for numbers comparable with published ones")
     pr.add_argument("--batch-size", type=int, default=32, help="rows per forward of the teacher-forced pass")
     pr.add_argument("--gen-batch-size", type=int, default=1,
                     help="questions (RAG) or texts (EL) decoded together, one batched forward per step (default "
@@ -169,13 +187,17 @@ Exit status 0 when every dir was logged, 2 otherwise.""")
 def cmd_index(ns: argparse.Namespace) -> int:
     from evaluation.index import IndexParams
     from evaluation.precision import LEGACY
-    from evaluation.run import ensure_index
+    from evaluation.index_reuse import ensure_index
 
+    if ns.rows is not None and ns.rows < 1:
+        raise ConfigError(f"--rows must be >= 1, got {ns.rows}")
     man, built = ensure_index(ns.model, ns.data, ns.out, kind=ns.kind, force=ns.force, device=ns.device,
                               batch_size=ns.batch_size, progress=not ns.quiet, dtype=ns.dtype, attn=ns.attn,
-                              params=IndexParams(faiss_fp16=ns.faiss_fp16))
+                              params=IndexParams(faiss_fp16=ns.faiss_fp16), rows=ns.rows)
     dtype, attn = (man.get(k, LEGACY[k]) for k in ("dtype", "attn"))
-    print(f"{'built' if built else 'reused'} {ns.out}: {man['count']} documents, dim {man['dim']}, kind {man['kind']}, "
+    sub = man.get("subset")
+    what = f"{man['count']} documents" + (f" (the first {sub['rows']} rows' own, of {sub['of_docs']})" if sub else "")
+    print(f"{'built' if built else 'reused'} {ns.out}: {what}, dim {man['dim']}, kind {man['kind']}, "
           f"model {man['model_fingerprint'][:12]}, {dtype} + {attn}")
     return 0
 
@@ -192,6 +214,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
                       setting=ns.setting, max_examples=ns.max_examples, kind=ns.kind, max_new_tokens=ns.max_new_tokens,
                       max_hops=ns.max_hops, k=ns.k, force_retrieval_every=ns.force_retrieval_every,
                       device=ns.device, dtype=ns.dtype, attn=ns.attn, faiss_fp16=ns.faiss_fp16,
+                      normalization=ns.normalization,
                       batch_size=ns.batch_size, gen_batch_size=ns.gen_batch_size,
                       tracking=not ns.no_mlflow, tracking_uri=ns.tracking_uri, experiment=ns.experiment,
                       run_name=ns.run_name, progress=not ns.quiet)

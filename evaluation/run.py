@@ -18,8 +18,18 @@ context): for ``onegen``/``two-pass`` the model's own state at each gold ``[RQ]`
 (``evaluation.teacher_forced``), for the pipelines the separate retriever with query = question +
 the gold text generated before that ``[RQ]``, none for ``no-retrieval``; entity linking ``el_f1``
 (GERBIL strong match, micro) with ``el_precision``/``el_recall`` and mention detection
-``el_md_f1``; costs ``tokens_per_s`` (generated tokens / generation wall time) and
-``s_per_question``.
+``el_md_f1``; given the gold mentions, ``el_link_acc_gold`` (OneGen: the gold output replayed, each
+``[LK]`` state's top-1 in the entity index is the gold entity) against ``el_name_match_acc_gold``
+(the KB entity whose title equals the mention text, lower-cased and whitespace-collapsed; ties ->
+first doc id, counted in ``el_name_match_ambiguous``) over the same ``kb_size`` entities;
+``answer_found`` = fraction of questions that ended with EOS after a non-empty final answer; costs
+``tokens_per_s`` (generated tokens / generation wall time) and ``s_per_question``.
+
+EM/F1 use the answer normalisation ``--normalization`` (``default``, or ``official``: the HotpotQA
+script exactly; ``evaluation.metrics``), recorded in metrics.json, the manifest and as an MLflow
+param. An index built here for ``--max-examples N`` in the distractor setting holds only the N
+rows' candidates + gold (``evaluation.doc_select``; ``subset`` in its manifest, ``index_subset`` in
+metrics.json).
 """
 
 from __future__ import annotations
@@ -31,87 +41,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from onegen.errors import ConfigError, ManifestMismatch
+from evaluation.index_reuse import check_given_index, ensure_index
+from onegen.errors import ConfigError
 from onegen.runlock import DirLock
 
 # CLI name -> evaluation.retrievers name
 METHODS = {"onegen": "onegen", "two-pass": "two_pass", "pipeline-bm25": "bm25", "pipeline-minilm": "dense",
            "no-retrieval": "none"}
 INDEX_METHODS = ("onegen", "two-pass")
-
-
-# --------------------------------------------------------------------------------------------
-# Index (resumable: a complete index of the same model + data + kind is reused)
-# --------------------------------------------------------------------------------------------
-
-
-def existing_index_ok(out_dir: Path, model_fp: str, data_fp: str, kind: str | None,
-                      precision: dict | None = None) -> tuple[bool, str]:
-    """Whether ``out_dir`` already holds a complete index of this model + data (+ kind, + the dtype and
-    attention of ``precision``, a ``Precision.record()``); and why not."""
-    from evaluation.precision import LEGACY
-    from onegen.manifest import read_manifest
-
-    if not (out_dir / "manifest.json").is_file():
-        return False, "no index there yet"
-    try:
-        man = read_manifest(out_dir, expect_stage="index")
-    except ManifestMismatch as e:
-        return False, str(e)
-    if man.get("model_fingerprint") != model_fp:
-        return False, f"it was built by another checkpoint ({str(man.get('model_fingerprint'))[:12]})"
-    if man.get("prepared_fingerprint") != data_fp:
-        return False, f"it was built from other data ({str(man.get('prepared_fingerprint'))[:12]})"
-    if kind is not None and man.get("kind") != kind:
-        return False, f"it is a {man.get('kind')!r} index, {kind!r} was asked for"
-    for key in ("dtype", "attn"):  # bf16 vectors are not fp32's: the same model in another precision
-        built = man.get(key, LEGACY[key])
-        if precision is not None and built != precision[key]:
-            return False, f"it was built with {key} {built}, this run uses {precision[key]}"
-    from evaluation.index import DOC_IDS, EMBEDDINGS, FAISS_FILE
-
-    missing = [f for f in (EMBEDDINGS, DOC_IDS, FAISS_FILE) if not (out_dir / f).is_file()]
-    if missing:
-        return False, f"it is incomplete (no {', '.join(missing)})"
-    return True, "complete"
-
-
-def ensure_index(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path, *, kind: str = "flat",
-                 force: bool = False, runtime=None, device: str | None = None, batch_size: int = 64,
-                 progress: bool = True, log: Callable[[str], None] = print, dtype: str = "auto", attn: str = "auto",
-                 params=None) -> tuple[dict, bool]:
-    """Build the index unless a complete one of the same model + data + kind + dtype + attention is
-    there; ``(manifest, built)``. ``runtime``: a loaded runtime to encode with (its precision counts);
-    ``params``: ``evaluation.index.IndexParams``."""
-    from evaluation.checks import preflight
-    from evaluation.precision import resolve_precision
-    from onegen.manifest import read_manifest
-
-    out_dir = Path(out_dir)
-    # Manifests, shard sizes and tokenizer fingerprints, and the dtype/attention choice (torch, no model):
-    # a cheap rerun is cheap, and a wrong input or an impossible choice is refused at once.
-    mman, _, dman = preflight(model_dir, data_dir)
-    prec = runtime.precision_record() if runtime is not None else resolve_precision(device, dtype, attn).record()
-    if runtime is None:  # (a run with its runtime has said it already)
-        log(f"precision: {prec['dtype']}, attention {prec['attn']} ({prec['attn_reason']}), on {prec['device']}")
-    model_fp, data_fp = mman["fingerprint"], dman["fingerprint"]
-    ok, why = existing_index_ok(out_dir, model_fp, data_fp, kind, prec)
-    if ok and not force:
-        log(f"index {out_dir}: complete for this checkpoint, data and precision, reused (--force rebuilds it)")
-        man = read_manifest(out_dir, expect_stage="index")
-        half = bool(man.get("faiss_gpu", {}).get("fp16", False))
-        if params is not None and params.faiss_fp16 != half:  # not a build input: the saved index is exact fp32
-            log(f"index {out_dir}: GPU fp16 storage is chosen when the index is searched (`run --faiss-fp16`); "
-                f"the saved index is exact fp32 and its recorded default stays {'fp16' if half else 'fp32'}")
-        return man, False
-    if out_dir.exists() and not ok:
-        log(f"index {out_dir}: rebuilding, {why}")
-    from evaluation.index import build_index
-
-    man = build_index(model_dir, data_dir, out_dir, kind=kind, runtime=runtime, device=device,  # type: ignore[arg-type]
-                      batch_size=batch_size, progress=progress, dtype=dtype, attn=attn, params=params)
-    log(f"index {out_dir}: {man['count']} vectors x {man['dim']} ({kind}) in {man['build_seconds']:.1f}s")
-    return man, True
+NORMALIZATIONS = ("default", "official")  # = evaluation.metrics.NORMALIZATIONS (a test checks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,6 +75,7 @@ class EvalRequest:
     dtype: str = "auto"  # auto / fp32 / bf16 / fp16 (auto: bf16 on a bf16-capable GPU, else fp32)
     attn: str = "auto"  # auto / sdpa / eager / flash_attention_2 (auto: flash-attn on CUDA when installed)
     faiss_fp16: bool = False  # GPU faiss: vectors held in fp16 on the GPUs (flat)
+    normalization: str = "default"  # EM/F1 answer normalisation: default / official (evaluation.metrics)
     batch_size: int = 32
     gen_batch_size: int = 1
     tracking: bool = True
@@ -203,6 +142,9 @@ def _check_request(req: EvalRequest, task: str | None = None, data_dir: Path | N
             raise ConfigError(f"--method {req.method!r}: choose one of {list(METHODS)}")
         if req.setting not in ("distractor", "open"):
             raise ConfigError(f"--setting {req.setting!r}: choose distractor or open")
+        if req.normalization not in NORMALIZATIONS:
+            raise ConfigError(f"--normalization {req.normalization!r}: choose one of {list(NORMALIZATIONS)} (default: "
+                              f"HotpotQA's rules + NFC + Unicode punctuation; official: the HotpotQA script exactly)")
         for flag, value in (("--max-examples", req.max_examples), ("--gen-batch-size", req.gen_batch_size)):
             if value is not None and value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
@@ -213,28 +155,6 @@ def _check_request(req: EvalRequest, task: str | None = None, data_dir: Path | N
             f"[SE] entity index, i.e. --method onegen only ({req.method!r} is a RAG baseline and has no meaning here)")
     if task not in ("rag", "el"):
         raise ConfigError(f"{data_dir}: unknown task {task!r} in its manifest")
-
-
-def _check_given_index(index_dir: Path, model_dir: Path, data_dir: Path, dman: dict, prec: dict, log) -> None:
-    """Refuse an index of another checkpoint or dataset (or an incomplete one); say so when it was
-    built in another precision than this run's (it is used: the user chose it)."""
-    from evaluation.index import open_index
-    from evaluation.precision import LEGACY
-    from onegen.manifest import read_manifest
-
-    open_index(index_dir, model_dir, use_gpu=False)
-    iman = read_manifest(index_dir, expect_stage="index")
-    if iman.get("prepared_fingerprint") != dman["fingerprint"]:
-        raise ManifestMismatch(
-            f"index {index_dir} was built from {iman.get('prepared_dir')} ({str(iman.get('prepared_fingerprint'))[:12]}), "
-            f"not from {data_dir} ({dman['fingerprint'][:12]}): its doc ids are not this dataset's documents; "
-            f"omit --index to build the right one, or run `python -m evaluation index --model {model_dir} "
-            f"--data {data_dir} --out DIR`")
-    built = {k: iman.get(k, LEGACY[k]) for k in ("dtype", "attn")}
-    if built != {k: prec[k] for k in built}:
-        log(f"warning: index {index_dir} was built with {built['dtype']} + {built['attn']}, this run uses "
-            f"{prec['dtype']} + {prec['attn']}: documents and queries are encoded in different precisions "
-            f"(omit --index, or rebuild it with --dtype {prec['dtype']} --attn {prec['attn']})")
 
 
 def _tracker(req: EvalRequest, out: Path, task: str, model_dir: Path, mode: str, log):
@@ -285,8 +205,10 @@ def run_eval(req: EvalRequest, log: Callable[[str], None] = print) -> EvalOutcom
     if task == "el" and req.setting != "open":
         req.setting = "open"  # EL rows have no candidate lists: each [LK] searches the whole entity index
     index_dir = Path(req.index) if req.index is not None else None
-    if index_dir is not None:
-        _check_given_index(index_dir, model_dir, data_dir, dman, prec, log)
+    if index_dir is not None:  # a subset index must hold the documents of every evaluated row
+        n_rows = int(dman.get("counts", {}).get("queries", 0)) or None
+        need = None if req.setting == "open" or n_rows is None else min(req.max_examples or n_rows, n_rows)
+        check_given_index(index_dir, model_dir, data_dir, dman, prec, log, rows=need)
     out = Path(req.out) if req.out is not None else default_out(req)
     out.mkdir(parents=True, exist_ok=True)
     with DirLock(out):  # one writer per results dir (onegen/runlock.py): a second run on it refuses at once
@@ -305,7 +227,7 @@ def _run_locked(req: EvalRequest, out: Path, task: str, dman: dict, mman: dict, 
         "model_source": mman.get("model_source"), "data": str(data_dir.resolve()), "data_fingerprint": dman["fingerprint"],
         "dataset": data_dir.resolve().name, "max_examples": req.max_examples, "train_run_id": train_run_id,
         "tokenizer_fingerprint": mman.get("tokenizer_fingerprint"), "dtype": prec["dtype"], "attn": prec["attn"],
-        "attn_reason": prec["attn_reason"], "faiss_fp16": req.faiss_fp16,
+        "attn_reason": prec["attn_reason"], "faiss_fp16": req.faiss_fp16, "normalization": req.normalization,
         **{f"extra.{k}": v for k, v in req.extra_params.items()},
     })
     try:
@@ -333,6 +255,7 @@ def _load(req: EvalRequest, out: Path, task: str, ocfg: dict, index_dir: Path | 
           log) -> tuple[Any, Any, Any, dict[str, Any]]:
     """The runtime, the prepared data and (when the method needs one) the opened index; run params."""
     from evaluation.index import IndexParams, open_index
+    from evaluation.index_reuse import rows_to_index
     from evaluation.precision import LEGACY
     from evaluation.runtime import load_runtime
     from pipeline.data import open_prepared
@@ -343,15 +266,17 @@ def _load(req: EvalRequest, out: Path, task: str, ocfg: dict, index_dir: Path | 
         f"{rt.precision.describe()}; {len(data)} {task} rows in {req.data}")
     idx = None
     if needs_index:
-        if index_dir is None:
+        if index_dir is None:  # the documents of the evaluated rows only, when that is all they can retrieve
             index_dir = out / "index"
+            n = len(data) if req.max_examples is None else min(req.max_examples, len(data))
             ensure_index(req.model, req.data, index_dir, kind=req.kind, runtime=rt, progress=req.progress, log=log,
-                         params=IndexParams(faiss_fp16=req.faiss_fp16))
+                         params=IndexParams(faiss_fp16=req.faiss_fp16), rows=rows_to_index(data, req.setting, n))
         idx = open_index(index_dir, req.model, fp16=req.faiss_fp16)
     man = idx.manifest if idx is not None else {}
     opened = idx is not None
     params: dict[str, Any] = {"index": str(index_dir) if index_dir else None, "index_fingerprint": man.get("fingerprint"),
                               "index_kind": man.get("kind"), "device": str(rt.device),
+                              "index_count": man.get("count"), "index_subset_rows": (man.get("subset") or {}).get("rows"),
                               "faiss_gpu": idx.gpu if opened else None,
                               **{f"index_{k}": man.get(k, LEGACY[k]) if opened else None for k in ("dtype", "attn")}}
     return rt, data, idx, params
@@ -374,6 +299,7 @@ def _run(req: EvalRequest, out: Path, task: str, dman: dict, mman: dict, ocfg: d
                  "s_per_question": part.gen_s / max(part.n_results, 1), "n": part.n_results,
                  "generated_tokens": part.tokens})
     metrics = {"task": task, "method": req.method, "retriever": METHODS[req.method], "setting": req.setting,
+               "normalization": req.normalization, "index_subset": idx.manifest.get("subset") if idx is not None else None,
                "dataset": Path(req.data).resolve().name, "model": str(Path(req.model).resolve()),
                "checkpoint_mode": ocfg.get("mode"), "headline": head, **part.details,
                "wall_s": {"generation": part.gen_s, "total": time.perf_counter() - t_start}}
@@ -391,6 +317,7 @@ def _run(req: EvalRequest, out: Path, task: str, dman: dict, mman: dict, ocfg: d
                    model_dir=str(Path(req.model).resolve()), model_fingerprint=mman["fingerprint"],
                    prepared_dir=str(Path(req.data).resolve()), prepared_fingerprint=dman["fingerprint"],
                    index_fingerprint=params["index_fingerprint"], setting=req.setting, n=part.n_results,
+                   normalization=req.normalization,
                    mlflow_run_id=tracker.run_id, **rt.precision_record())
     files["manifest"] = out / "manifest.json"
     return {"metrics": metrics, "files": files, "params": params}

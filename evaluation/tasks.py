@@ -82,14 +82,14 @@ def _free_hop_recall(results) -> dict[str, float]:
     return {f"hop{j + 1}": hits[j] / total[j] for j in sorted(total)}
 
 
-def _rag_records(results, k: int) -> list[dict]:
+def _rag_records(results, k: int, normalization: str = "default") -> list[dict]:
     from evaluation.scoring import question_scores
 
     out = []
     for r in results:
         d = r.to_dict()
         d["generated_text"] = d.pop("output_text")
-        sc = question_scores(r, k)
+        sc = question_scores(r, k, normalization)
         d["scores"] = {key: sc[key] for key in ("em", "f1", "hop_recall_at_1", "recall@1", f"recall@{k}") if key in sc}
         out.append(d)
     return out
@@ -133,7 +133,7 @@ def rag_part(req: Any, rt: Any, idx: Any, retriever_name: str, n: int) -> TaskPa
     t0 = time.perf_counter()
     results = run_questions(rt, retriever, cfg, list(range(n)), progress=req.progress)
     gen_s = time.perf_counter() - t0
-    summary = summarize_rag(results, k=req.k)
+    summary = summarize_rag(results, k=req.k, normalization=req.normalization)
     free_hops = _free_hop_recall(results)
     retrieving = retriever_name != "none"
     if retriever_name in INDEX_RETRIEVERS:
@@ -156,13 +156,14 @@ def rag_part(req: Any, rt: Any, idx: Any, retriever_name: str, n: int) -> TaskPa
     head.update({f"recall_at_1_tf_{h}": v for h, v in tf_hops.items()})
     hist = _scores_for_hist((h.retrieved, r.gold_hops[j] if j < len(r.gold_hops) else None)
                             for r in results for j, h in enumerate(r.hops))
-    return TaskPart(head, _rag_records(results, req.k), hist, dict(free_hops) if retrieving else {}, tf_hops,
+    return TaskPart(head, _rag_records(results, req.k, req.normalization), hist, dict(free_hops) if retrieving else {}, tf_hops,
                     {"summary": summary, "teacher_forced": tf, "generation": asdict(cfg)}, len(results), gen_s,
                     sum(r.n_generated for r in results), {f"gen.{k}": v for k, v in asdict(cfg).items()})
 
 
 def el_part(req: Any, rt: Any, idx: Any, n: int) -> TaskPart:
-    """Link the first ``n`` texts: the model's ``[LK]`` states searched in the entity index ``idx``."""
+    """Link the first ``n`` texts: the model's ``[LK]`` states searched in the entity index ``idx``;
+    then, given the gold mentions, OneGen's linking accuracy vs a name-match baseline over the same KB."""
     from evaluation.linking import LinkConfig, run_linking, summarize_linking
     from evaluation.teacher_forced import teacher_forced_recall
 
@@ -172,13 +173,32 @@ def el_part(req: Any, rt: Any, idx: Any, n: int) -> TaskPart:
     gen_s = time.perf_counter() - t0
     summary = summarize_linking(results)
     tf = teacher_forced_recall(rt, idx, setting="open", max_rows=n, batch_size=req.batch_size, progress=req.progress)
+    gold = _gold_mention_linking(req, rt, idx, lcfg, n)
     head = {"el_precision": summary["precision"], "el_recall": summary["recall"], "el_f1": summary["f1"],
             "el_md_precision": summary["md_precision"], "el_md_recall": summary["md_recall"],
             "el_md_f1": summary["md_f1"], "recall_at_1_free": summary.get("link_recall_at_1"),
             "recall_at_1_tf": tf["recall@1"], "mean_links": summary.get("n_links"),
-            "unaligned": summary.get("unaligned")}
+            "unaligned": summary.get("unaligned"), "el_link_acc_gold": gold["onegen"]["acc"],
+            "el_name_match_acc_gold": gold["name_match"]["acc"],
+            "el_name_match_ambiguous": gold["name_match"]["ambiguous"], "kb_size": len(idx)}
     hist = _scores_for_hist((l.retrieved, r.gold_links[j] if j < len(r.gold_links) else None)
                             for r in results for j, l in enumerate(r.links))
     return TaskPart(head, _el_records(results), hist, {"link": summary.get("link_recall_at_1")}, {"link": tf["recall@1"]},
-                    {"summary": summary, "teacher_forced": tf, "linking": asdict(lcfg)}, len(results), gen_s,
-                    sum(r.n_generated for r in results), {f"link.{k}": v for k, v in asdict(lcfg).items()})
+                    {"summary": summary, "teacher_forced": tf, "gold_mentions": gold, "linking": asdict(lcfg)},
+                    len(results), gen_s, sum(r.n_generated for r in results),
+                    {f"link.{k}": v for k, v in asdict(lcfg).items()})
+
+
+def _gold_mention_linking(req: Any, rt: Any, idx: Any, lcfg: Any, n: int) -> dict[str, Any]:
+    """Linking given the gold mentions of the first ``n`` texts: OneGen (the gold output replayed, each
+    ``[LK]`` state searched in ``idx``: ``linking.gold_link_accuracy``) and the name-match baseline
+    over the same KB (``linking.name_match_baseline``)."""
+    from evaluation.linking import gold_link_accuracy, name_match_baseline, run_linking
+
+    t0 = time.perf_counter()
+    replayed = run_linking(rt, idx, lcfg, list(range(n)), gold_mentions=True, progress=req.progress)
+    onegen = {**gold_link_accuracy(replayed), "wall_s": time.perf_counter() - t0}
+    names = name_match_baseline(rt.data, idx.doc_ids, range(n))
+    return {"onegen": onegen, "name_match": names,
+            "rule": "name match: KB entity whose title equals the mention text after lower-casing and whitespace "
+                    "collapsing; several -> first by doc id; none -> wrong"}

@@ -165,6 +165,14 @@ def test_entity_linking_run(env, runs, capsys):
     # The checkpoint's training run is not in this store: linked by tag all the same.
     assert run.data.tags["onegen.train_run_id"] == "0" * 32 and "mlflow.parentRunId" not in run.data.tags
     assert run.data.tags["onegen.dataset"] == "el_dev" and "el_f1" in run.data.metrics
+    # Given the gold mentions: OneGen's [LK] top-1 vs the name-match baseline, over the same KB (the [SE] index).
+    kb = json.loads((out / "index" / "manifest.json").read_text())["count"]
+    assert head["kb_size"] == kb == 176 and 0 <= head["el_link_acc_gold"] <= 1 and 0 <= head["el_name_match_acc_gold"] <= 1
+    gold = m["gold_mentions"]
+    assert gold["onegen"]["n"] == gold["name_match"]["n"] == m["teacher_forced"]["n"] > 0
+    assert head["el_name_match_ambiguous"] == gold["name_match"]["ambiguous"] >= 0
+    for k in ("el_link_acc_gold", "el_name_match_acc_gold", "el_name_match_ambiguous", "kb_size"):
+        assert run.data.metrics[k] == pytest.approx(head[k]), k
     assert run.data.params["link.batch_size"] == "2"  # both texts decoded together
     # Only the model's own [LK] retrieval makes sense for EL.
     capsys.readouterr()
@@ -251,3 +259,74 @@ def test_eval_experiment_opens_on_its_runs_table(env, runs):
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     top = env["client"].search_runs([exp.experiment_id], filter_string="tags.`onegen.stage` = 'eval'")
     assert len(top) >= 6 and all("mlflow.parentRunId" not in r.data.tags for r in top)
+
+
+def test_normalization_flag_reaches_scores_metrics_and_mlflow(env, runs, capsys):
+    from evaluation import metrics, run as run_mod
+    from evaluation.cli import NORMALIZATION_NAMES
+
+    assert list(NORMALIZATION_NAMES) == list(metrics.NORMALIZATIONS) == list(run_mod.NORMALIZATIONS)
+    out = env["base"] / "official"
+    assert main(["run", "--model", str(env["linked"]), "--data", str(env["world"] / "rag_dev"), "--method", "no-retrieval",
+                 "--max-examples", "2", "--max-new-tokens", "4", "--normalization", "official", "--out", str(out),
+                 "--tracking-uri", env["uri"], "--quiet"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["normalization"] == "official" and m["summary"]["normalization"] == "official"
+    assert json.loads((out / "manifest.json").read_text())["normalization"] == "official"
+    assert env["client"].get_run(_run_id(out)).data.params["normalization"] == "official"
+    assert json.loads((runs["onegen"] / "metrics.json").read_text())["normalization"] == "default"
+    assert env["client"].get_run(_run_id(runs["onegen"])).data.params["normalization"] == "default"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--model", str(env["linked"]), "--data", str(env["world"] / "rag_dev"), "--normalization", "squad"])
+    assert e.value.code == 2 and "invalid choice: 'squad'" in capsys.readouterr().err
+    from evaluation.run import EvalRequest, run_eval
+    from onegen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--normalization 'squad': choose one of \['default', 'official'\]"):
+        run_eval(EvalRequest(model=env["linked"], data=env["world"] / "rag_dev", normalization="squad", tracking=False,
+                             out=env["base"] / "bad_norm"))
+    help_text = subprocess.run([sys.executable, "-m", "evaluation", "run", "--help"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=60).stdout
+    assert "--normalization {default,official}" in help_text and "string.punctuation only, no NFC" in " ".join(help_text.split())
+
+
+def test_scores_follow_the_normalization():
+    from types import SimpleNamespace
+
+    from evaluation.scoring import summarize_rag
+
+    r = SimpleNamespace(example_id="q", round=0, stop_reason="eos", answer="O’Brien — Jr", gold_answers=["O'Brien Jr"],
+                        gold_hops=[], hops=[], wall_s=0.1, n_generated=3, decode_steps=2, prefills=1,
+                        retriever_forwards=0, answer_found=True)
+    assert summarize_rag([r], k=1)["em"] == 1.0
+    official = summarize_rag([r], k=1, normalization="official")
+    # tokens "o’brien", "—", "jr" vs "obrien", "jr": P 1/3, R 1/2, F1 0.4
+    assert official["em"] == 0.0 and official["f1"] == pytest.approx(0.4) and official["normalization"] == "official"
+
+
+def test_a_run_indexes_only_its_rows_documents(env, runs, capsys):
+    """--max-examples N in the distractor setting: the index holds the N rows' candidates + gold, and says so."""
+    from pipeline.data import open_prepared
+
+    data = open_prepared(env["world"] / "rag_dev")
+    want = set().union(*(set(r["candidates"]) | set(r["positives"]) for r in data.query_rows([0, 1, 2])))
+    man = json.loads((runs["two-pass"] / "index" / "manifest.json").read_text())
+    assert man["subset"] == {"rows": 3, "docs": len(want), "of_docs": len(data.docs)} and man["count"] < len(data.docs)
+    m = json.loads((runs["two-pass"] / "metrics.json").read_text())
+    assert m["index_subset"] == man["subset"]
+    assert env["client"].get_run(_run_id(runs["two-pass"])).data.params["index_subset_rows"] == "3"
+    # The full index given with --index (the quickstart's way) stays full.
+    assert json.loads((runs["onegen"] / "metrics.json").read_text())["index_subset"] is None
+    # `index --rows N`; a subset given to a run that needs more documents is refused, one that covers it is used.
+    sub = env["base"] / "index_rows2"
+    assert main(["index", "--model", str(env["linked"]), "--data", str(env["world"] / "rag_dev"), "--out", str(sub),
+                 "--rows", "2", "--quiet"]) == 0
+    assert "(the first 2 rows' own, of 40)" in capsys.readouterr().out
+    base = ["run", "--model", str(env["linked"]), "--data", str(env["world"] / "rag_dev"), "--index", str(sub),
+            "--max-new-tokens", "3", "--no-mlflow", "--quiet"]
+    for extra in (["--max-examples", "3"], ["--max-examples", "2", "--setting", "open"]):
+        assert main(base + extra + ["--out", str(env["base"] / "sub_refused")]) == 2, extra
+        err = capsys.readouterr().err
+        assert "is a subset index" in err and "omit --index" in err, err
+    assert main(base + ["--max-examples", "2", "--out", str(env["base"] / "sub_ok")]) == 0

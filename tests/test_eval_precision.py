@@ -16,7 +16,7 @@ from evaluation import index as index_mod
 from evaluation.cli import ATTN_NAMES, DTYPE_NAMES, _parser, main
 from evaluation.index import IndexParams, build_index, gpu_cloner_options, open_index
 from evaluation.precision import resolve_precision
-from evaluation.run import existing_index_ok
+from evaluation.index_reuse import existing_index_ok
 from evaluation.runtime import load_runtime
 from onegen import devices
 from onegen.errors import ConfigError
