@@ -40,6 +40,9 @@ setup(
         "pyarrow>=15",
         "numpy>=1.26",
         "bm25s>=0.2",
+        # English stemming for BM25 mining (mining.stem, data_prep/mining.py); without it BM25 runs
+        # unstemmed, with a warning.
+        "PyStemmer>=2.2",
         # 3.18.0 is broken on the registry (design §3).
         "mlflow==3.17.2",
         "pyyaml>=6",

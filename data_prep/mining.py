@@ -114,6 +114,41 @@ def _window(ranked: Iterable[int], gold: set[int], start: int, end: int) -> list
     return kept[start - 1 : end]
 
 
+def stemmer_available() -> bool:
+    return importlib.util.find_spec("Stemmer") is not None
+
+
+class EnglishStemmer:
+    """PyStemmer's English stemmer as a picklable callable for ``bm25s`` (a ``Stemmer.Stemmer`` and its
+    bound ``stemWord`` do not pickle: "self.cobj cannot be converted"). Rebuilt lazily after unpickling."""
+
+    name = "PyStemmer:english"
+
+    def __init__(self) -> None:
+        self._stem = None
+
+    def __call__(self, word: str) -> str:
+        if self._stem is None:
+            import Stemmer  # only when stemming is on and PyStemmer is installed (stemmer_available)
+
+            self._stem = Stemmer.Stemmer("english").stemWord
+        return self._stem(word)
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._stem = None
+
+
+def unstemmed_warning(config: MiningConfig) -> str | None:
+    """The one warning line when stemming was asked for but PyStemmer is missing; else None."""
+    if config.bm25 and config.stem and not stemmer_available():
+        return ("warning: mining.stem=true but PyStemmer is not installed: BM25 mining runs UNSTEMMED "
+                "(pip install PyStemmer, a requirement of setup.py; or set mining.stem=false)")
+    return None
+
+
 class NegativeMiner:
     """Indexes a document pool once; :meth:`mine` returns each query's hard negatives."""
 
@@ -140,11 +175,8 @@ class NegativeMiner:
         import bm25s
         from bm25s.tokenization import Tokenizer
 
-        stemmer = None
-        if self.config.stem and importlib.util.find_spec("Stemmer") is not None:
-            import Stemmer
-
-            stemmer, self._stemmer_name = Stemmer.Stemmer("english").stemWord, "PyStemmer:english"
+        stemmer = EnglishStemmer() if self.config.stem and stemmer_available() else None
+        self._stemmer_name = EnglishStemmer.name if stemmer is not None else None
         self._tokenizer = Tokenizer(stopwords="en", stemmer=stemmer)
         corpus = self._tokenizer.tokenize(texts, return_as="tuple", show_progress=False)
         self._bm25 = bm25s.BM25()
