@@ -50,6 +50,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, a, where)
             except ConfigError as e:
                 errors.append(e)
+        if len(errors) > 1:  # e.g. int | Literal["auto"]: name every accepted form
+            accepted = " or ".join(_type_word(a) for a in args if a is not type(None))
+            raise FieldError(where, f"expected {accepted}, got {value!r}")
         if errors:
             raise errors[0]
         raise FieldError(where, f"bad value {value!r}")
@@ -97,6 +100,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return str(value)
         raise FieldError(where, f"expected a string, got {value!r}")
     return value
+
+
+def _type_word(tp: Any) -> str:
+    """How an error names a type: ``an integer``, ``one of ['auto']``."""
+    if typing.get_origin(tp) is typing.Literal:
+        return f"one of {list(typing.get_args(tp))}"
+    words = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}
+    return words.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 class FieldError(ConfigError):
