@@ -10,6 +10,8 @@ Examples:
   python -m data_prep prepare --kind hotpotqa --input ../shared/data/hotpotqa/hipporag_hotpot_train_distractor100.json \\
       --out runs/hotpot --tokenizer smollm2 --num-proc 2
   python -m data_prep prepare --kind 2wiki --input dev.json.gz --out runs/2wiki tagging.max_length=1024
+  python -m data_prep prepare --kind hotpotqa --input train.json --out runs/hp_heldout --tokenizer smollm2 \\
+      holdout.part=heldout holdout.fraction=0.2 holdout.seed=0     # and holdout.part=train: disjoint questions
   python -m data_prep world --out runs/world --train-questions 2000
   python -m data_prep prepare ... --only-shards 0/4     # job-array task 0 of 4 (slurm/prep.sh), then:
   python -m data_prep prepare ... --finish-only         # the manifest, once every task is done

@@ -8,6 +8,9 @@ Output layout (design §2)::
     OUT/docs/shard-*.arrow   doc_id, title, text, input_ids (int32), roles (int8)
     OUT/queries/shard-*.arrow + shard-*.quarantine.jsonl (rows that could not be built, with reasons)
     OUT/*/shard-*.cut.json   rows / documents of the shard shortened to fit (data_prep.truncation)
+    OUT/truncated.jsonl      every cut document / row: id, tokens before and after, reason
+    OUT/doc_lengths.json     the pool's document row lengths and the max_doc_length they decide (data_prep.doclength)
+    OUT/split_ids.json       the sorted ids of the examples used, and the holdout rule (data_prep.holdout)
     OUT/quarantine.jsonl     every record that was skipped, one reason per line (--on-error skip)
 
 Each shard is a pure function of (inputs, config, shard index); shards are written atomically and a
@@ -21,18 +24,21 @@ import os
 import shutil
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from data_prep.mining import MiningConfig
-from data_prep.readers.jsonio import check_input_file
-from data_prep.records import NIL_ID, Dataset, Document, LinkingExample, MultiHopExample
+from data_prep import doclength, holdout
+from data_prep.holdout import HoldoutConfig
+from data_prep.inputs import corpus_texts, input_fingerprints, read_inputs  # noqa: F401 (corpus_texts: world, bench)
+from data_prep.mining import MiningConfig, unstemmed_warning
+from data_prep.readers.leads import LEAD_FROM_HELP, LeadFrom
+from data_prep.records import NIL_ID, Dataset, Document
 from data_prep.schema import DOCS_SCHEMA, QUERIES_SCHEMA
 from data_prep.shards import list_shards, remove_stale_temporaries, shard_path, write_shard
-from data_prep.tagging import Tagger, TaggingConfig, TooLong, split_long_text
+from data_prep.tagging import Tagger, TaggingConfig, TooLong
 from data_prep.tokenizer import describe_source, load_tokenizer, tokenizer_fingerprint
-from data_prep.truncation import count_cuts, describe_cuts, write_cut_count
+from data_prep.truncation import REPORT, count_cuts, describe_cuts, write_cut_count, write_report
 from data_prep.workers import run_shards
 from onegen.errors import ConfigError, InputError
 from onegen.manifest import MANIFEST_NAME, atomic_write_bytes, atomic_write_json, fingerprint_files, sha256_file, sha256_json, write_manifest
@@ -60,7 +66,8 @@ class PrepConfig:
     split: str = field(default="validation", metadata={"help": "hub split, with from_hub"})
     require_gold_in_context: bool = field(default=True, metadata={"help": "HotpotQA/2Wiki: a supporting fact must point at a context paragraph"})
     on_error: Literal["fail", "skip"] = field(default="fail", metadata={"help": "fail on the first bad record, or skip it into quarantine.jsonl"})
-    max_examples: int | None = field(default=None, metadata={"help": "use only the first N examples"})
+    max_examples: int | None = field(default=None, metadata={"help": "use only the first N examples (of the holdout part)"})
+    lead_from: LeadFrom = field(default="auto", metadata={"help": LEAD_FROM_HELP})
     el_max_chars: int = field(default=400, metadata={"help": "EL documents longer than this are split into passages at sentence ends"})
     shard_size: int = field(default=1000, metadata={"help": "query rows per shard"})
     doc_shard_size: int = field(default=20000, metadata={"help": "document rows per shard"})
@@ -69,15 +76,17 @@ class PrepConfig:
     tokens: SpecialTokens = field(default_factory=SpecialTokens)
     # Typed as the dataclass (not Any) so `mining.*=...` overrides and --help-config reach its fields.
     mining: MiningConfig = field(default_factory=MiningConfig, metadata={"help": "hard-negative mining"})
+    holdout: HoldoutConfig = field(default_factory=HoldoutConfig, metadata={"help": "train / held-out split by question id"})
 
     def __post_init__(self) -> None:
-        cls = _mining_config_cls()
-        if self.mining is None:
-            self.mining = cls()
-        elif isinstance(self.mining, dict):
-            from onegen.config import from_dict
+        from onegen.config import from_dict
 
-            self.mining = from_dict(cls, self.mining, where="mining")
+        for name, cls in (("mining", _mining_config_cls()), ("holdout", HoldoutConfig)):
+            value = getattr(self, name)
+            if value is None:
+                setattr(self, name, cls())
+            elif isinstance(value, dict):
+                setattr(self, name, from_dict(cls, value, where=name))
 
 
 # The fields that do not change a single output byte: excluded from the fingerprint.
@@ -98,52 +107,6 @@ def content_config(cfg: PrepConfig) -> dict:
         files = sorted({p.name for pat in _TOKENIZER_FILES for p in tok.glob(pat) if p.is_file()})
         d["tokenizer"] = "dir:" + fingerprint_files(tok, files)
     return d
-
-
-# ---- reading ----------------------------------------------------------------------------------
-
-def read_inputs(cfg: PrepConfig, policy) -> Dataset:
-    from data_prep.readers import read_benchmark
-
-    if cfg.from_hub:
-        from data_prep.readers.hub import load_from_hub
-
-        ds = load_from_hub(cfg.from_hub, cfg.split, cache_dir=None, allow_network=cfg.allow_network)
-    else:
-        if not cfg.input:
-            raise ConfigError("no input: give --input FILE (or --from-hub NAME --allow-network)")
-        kw: dict[str, Any] = {}
-        if cfg.kind in ("hotpotqa", "2wiki"):
-            kw["require_gold_in_context"] = cfg.require_gold_in_context
-        if cfg.kind == "2wiki" and cfg.aliases:
-            kw["aliases_path"] = cfg.aliases
-        if cfg.kind == "elevant" and cfg.kb:
-            kw["kb_path"] = cfg.kb
-        if cfg.kind == "onegen":
-            if not cfg.db:
-                raise ConfigError("kind=onegen needs --db db.jsonl")
-            kw["db_path"] = cfg.db
-        ds = read_benchmark(cfg.kind, cfg.input, policy, **kw)
-    if cfg.corpus:
-        from data_prep.readers.twowiki import read_passage_corpus
-
-        for doc_id, doc in read_passage_corpus(cfg.corpus).items():
-            ds.documents.setdefault(doc_id, doc)
-    if cfg.max_examples is not None:
-        ds.examples = ds.examples[: cfg.max_examples]
-    if ds.task == "el":
-        ds.examples = [p for ex in ds.examples for p in split_long_text(ex, cfg.el_max_chars)]
-    return ds
-
-
-def input_fingerprints(cfg: PrepConfig) -> list[dict]:
-    out = []
-    for key in ("input", "kb", "db", "aliases", "corpus"):
-        p = getattr(cfg, key)
-        if p:
-            check_input_file(p, f"--{key}")  # missing, or a directory (with the JSON files inside it)
-            out.append({"role": key, "path": str(p), "sha256": sha256_file(p)})
-    return out
 
 
 # ---- building rows ----------------------------------------------------------------------------
@@ -222,7 +185,7 @@ def _build_query_shard(index: int) -> dict:
     s = _STATE
     cfg: PrepConfig = s["cfg"]
     examples = s["examples"][index * cfg.shard_size:(index + 1) * cfg.shard_size]
-    rows, quarantine, all_queries, spans, cut0 = [], [], [], [], s["tagger"].cut_rows
+    rows, quarantine, all_queries, spans, cut0, log0 = [], [], [], [], s["tagger"].cut_rows, len(s["tagger"].cut_log)
     for ex in examples:
         try:
             row, positives = query_row(s["tagger"], ex, s["task"], s["docs"])
@@ -250,17 +213,26 @@ def _build_query_shard(index: int) -> dict:
     qpath = out_dir / f"shard-{index:05d}.quarantine.jsonl"
     # The sidecar first, the shard last: a shard that exists always has its sidecar.
     atomic_write_bytes(qpath, "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in quarantine).encode())
-    write_cut_count(out_dir, index, s["tagger"].cut_rows - cut0)
+    write_cut_count(out_dir, index, s["tagger"].cut_rows - cut0, _take_cut_log(s["tagger"], log0))
     write_shard(shard_path(out_dir, index), rows, QUERIES_SCHEMA)
     return {"index": index, "rows": len(rows), "quarantined": len(quarantine)}
+
+
+def _take_cut_log(tagger: Tagger, start: int) -> list[dict]:
+    """This shard's entries of the tagger's cut log (removed from it: the log does not grow with the run)."""
+    items = tagger.cut_log[start:]
+    del tagger.cut_log[start:]
+    return items
 
 
 def _build_doc_shard(index: int) -> dict:
     s = _STATE
     cfg: PrepConfig = s["cfg"]
     docs, cut0 = s["doc_list"][index * cfg.doc_shard_size:(index + 1) * cfg.doc_shard_size], s["tagger"].cut_docs
+    log0 = len(s["tagger"].cut_log)
     rows = document_rows(s["tagger"], docs, s["task"])
-    write_cut_count(Path(cfg.out) / "docs", index, s["tagger"].cut_docs - cut0)  # before the shard, as its sidecar
+    # before the shard, as its sidecar
+    write_cut_count(Path(cfg.out) / "docs", index, s["tagger"].cut_docs - cut0, _take_cut_log(s["tagger"], log0))
     write_shard(shard_path(Path(cfg.out) / "docs", index), rows, DOCS_SCHEMA)
     return {"index": index, "rows": len(rows)}
 
@@ -296,8 +268,8 @@ def _tokenizer(cfg: PrepConfig, ds: Dataset, out: Path, shared: bool = False, lo
         tokenizer = load_tokenizer(str(tok_dir))
     else:
         texts = None
-        if cfg.tokenizer.startswith("bpe:"):
-            texts = corpus_texts(ds)
+        if cfg.tokenizer.startswith("bpe:"):  # both holdout parts' texts when split (data_prep.inputs)
+            texts = ds.selection.get("tokenizer_texts") or corpus_texts(ds)
         tokenizer = load_tokenizer(cfg.tokenizer, texts=texts, allow_network=cfg.allow_network)
         if texts is not None:
             log(f"[prep] tokenizer: trained a byte-level BPE of {len(tokenizer)} tokens on this data "
@@ -319,14 +291,6 @@ def _tokenizer(cfg: PrepConfig, ds: Dataset, out: Path, shared: bool = False, lo
     return tokenizer, token_ids
 
 
-def corpus_texts(ds: Dataset) -> list[str]:
-    """Every text the model will read, for training a BPE (sorted: the result must not depend on order)."""
-    texts = [f"{d.title}: {d.text}" for d in ds.documents.values()]
-    for ex in ds.examples:
-        texts.append(ex.question + " " + ex.answer if isinstance(ex, MultiHopExample) else ex.text)
-    return sorted(texts)
-
-
 def parse_only_shards(spec: str) -> tuple[int, int]:
     """``"I/N"`` (task I of N, 0-based) -> (I, N)."""
     try:
@@ -346,51 +310,30 @@ def prepare(cfg: PrepConfig, *, log=print, only_shards: tuple[int, int] | None =
     every shard exists and writes quarantine.jsonl + the manifest exactly as a single run would.
     """
     from data_prep.mining import NegativeMiner
-    from data_prep.readers.errors import ErrorPolicy
 
     if not cfg.out:
         raise ConfigError("no output directory: give --out DIR")
     t0 = time.time()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_or_record_config(cfg, out)
-    if (out / MANIFEST_NAME).is_file():  # written last: the directory is complete, and a rerun is a no-op
-        manifest = json.loads((out / MANIFEST_NAME).read_text())
-        log(f"[prep] {out} is already prepared (fingerprint {manifest.get('fingerprint', '?')[:12]}): nothing to do")
-        return manifest
-    for sub in ("docs", "queries"):
-        (out / sub).mkdir(exist_ok=True)
-        if only_shards is not None:  # the other tasks' temporaries are live writes, not leftovers
-            continue
-        removed = remove_stale_temporaries(out / sub)
-        if removed:
-            log(f"[prep] removed {removed} half-written temporary file(s) of an interrupted run")
-
-    policy = ErrorPolicy(cfg.on_error)
-    ds = read_inputs(cfg, policy)
-    log(f"[prep] read {len(ds.examples)} {ds.task} examples and {len(ds.documents)} documents"
-        + (f" ({policy.count} records quarantined)" if policy.count else ""))
-    for note in ds.notes:
-        log(f"[prep] note: {note}")
-    if not ds.examples:
-        if policy.count:  # the message points at it: it must exist
-            atomic_write_bytes(out / "quarantine.jsonl", "".join(
-                json.dumps(q.as_quarantine(), ensure_ascii=False, sort_keys=True) + "\n" for q in policy.quarantined).encode())
-        raise ConfigError("no usable example in the input" + (f" ({policy.count} quarantined, see quarantine.jsonl)" if policy.count else ""))
-
+    done = _open_out_dir(cfg, out, only_shards, log)
+    if done is not None:
+        return done
+    ds, policy = _read(cfg, out, log)
     tokenizer, token_ids = _tokenizer(cfg, ds, out, shared=only_shards is not None, log=log)
+    doc_list = [ds.documents[k] for k in sorted(ds.documents)]
+    tagger, doc_lengths = _doc_length_tagger(cfg, out, tokenizer, token_ids, ds.task, doc_list, log)
     n_doc_shards = max(1, -(-len(ds.documents) // cfg.doc_shard_size))
     n_query_shards = max(1, -(-len(ds.examples) // cfg.shard_size))
     if finish_only:
-        return _finish_slices(cfg, out, ds, tokenizer, policy, t0, log, n_doc_shards, n_query_shards)
-    tagger = Tagger(tokenizer, cfg.tokens, token_ids, cfg.tagging)
-    doc_list = [ds.documents[k] for k in sorted(ds.documents)]
+        return _finish_slices(cfg, out, ds, tokenizer, policy, t0, log, n_doc_shards, n_query_shards, doc_lengths)
     same_name: dict[str, list[str]] = {}
     if ds.task == "el":
         for d in doc_list:
             same_name.setdefault(_name_key(d.title), []).append(d.doc_id)
     log(f"[prep] building the {'BM25' if cfg.mining.bm25 else ''}{' + dense' if cfg.mining.dense else ''} "
         f"negative miner over {len(doc_list)} documents")
+    if warning := unstemmed_warning(cfg.mining):
+        log(f"[prep] {warning}")
     miner = NegativeMiner(ds.documents, cfg.mining)
 
     _STATE.update(cfg=cfg, task=ds.task, tagger=tagger, docs=ds.documents, doc_list=doc_list,
@@ -415,14 +358,67 @@ def prepare(cfg: PrepConfig, *, log=print, only_shards: tuple[int, int] | None =
         log(f"[prep] task {i}/{n}: wrote {len(todo_q)} query shard(s) and {len(todo_docs)} doc shard(s) "
             f"in {time.time() - t0:.1f} s; the manifest is written by --finish-only once every task is done")
         return {"only_shards": [i, n], "query_shards": todo_q, "doc_shards": todo_docs}
-    return finish(cfg, out, ds, tokenizer, policy, t0, log, mining=miner.provenance())
+    return finish(cfg, out, ds, tokenizer, policy, t0, log, mining=miner.provenance(), doc_lengths=doc_lengths)
+
+
+def _open_out_dir(cfg: PrepConfig, out: Path, only_shards, log) -> dict | None:
+    """Create/check ``out``; the manifest when the directory is already complete (a rerun is a no-op)."""
+    out.mkdir(parents=True, exist_ok=True)
+    _check_or_record_config(cfg, out)
+    if (out / MANIFEST_NAME).is_file():  # written last: the directory is complete
+        manifest = json.loads((out / MANIFEST_NAME).read_text())
+        log(f"[prep] {out} is already prepared (fingerprint {manifest.get('fingerprint', '?')[:12]}): nothing to do")
+        return manifest
+    for sub in ("docs", "queries"):
+        (out / sub).mkdir(exist_ok=True)
+        if only_shards is not None:  # the other tasks' temporaries are live writes, not leftovers
+            continue
+        removed = remove_stale_temporaries(out / sub)
+        if removed:
+            log(f"[prep] removed {removed} half-written temporary file(s) of an interrupted run")
+    return None
+
+
+def _read(cfg: PrepConfig, out: Path, log) -> tuple[Dataset, Any]:
+    from data_prep.readers.errors import ErrorPolicy
+
+    policy = ErrorPolicy(cfg.on_error)
+    ds = read_inputs(cfg, policy)
+    log(f"[prep] read {len(ds.examples)} {ds.task} examples and {len(ds.documents)} documents"
+        + (f" ({policy.count} records quarantined)" if policy.count else ""))
+    log(f"[prep] {holdout.describe(ds.selection)}")
+    for note in ds.notes:
+        log(f"[prep] note: {note}")
+    if not ds.examples:
+        if policy.count:  # the message points at it: it must exist
+            atomic_write_bytes(out / "quarantine.jsonl", "".join(
+                json.dumps(q.as_quarantine(), ensure_ascii=False, sort_keys=True) + "\n" for q in policy.quarantined).encode())
+        raise ConfigError("no usable example in the input" + (f" ({policy.count} quarantined, see quarantine.jsonl)" if policy.count else ""))
+    return ds, policy
+
+
+def _doc_length_tagger(cfg: PrepConfig, out: Path, tokenizer, token_ids, task: str, doc_list: list[Document],
+                       log) -> tuple[Tagger, dict]:
+    """The tagger with ``max_doc_length`` resolved over the whole pool (data_prep.doclength), and its record."""
+    tagger = Tagger(tokenizer, cfg.tokens, token_ids, cfg.tagging)
+    entry = doclength.pool_doc_lengths(out, tagger, doc_list, task == "el", cfg.tagging)
+    tagger.cfg = replace(tagger.cfg, max_doc_length=entry["chosen"])
+    log(f"[prep] {doclength.describe(entry)}")
+    return tagger, entry
+
+
+def resolved_config(cfg: PrepConfig, doc_lengths: dict) -> dict:
+    """The manifest's ``config``: ``cfg`` with ``tagging.max_doc_length`` as the number used (not ``auto``)."""
+    d = asdict(cfg)
+    d["tagging"]["max_doc_length"] = doc_lengths["chosen"]
+    return d
 
 
 _SLICE_PROVENANCE = ".mining_provenance.json"
 
 
 def _finish_slices(cfg: PrepConfig, out: Path, ds: Dataset, tokenizer, policy, t0: float, log,
-                   n_doc_shards: int, n_query_shards: int) -> dict:
+                   n_doc_shards: int, n_query_shards: int, doc_lengths: dict) -> dict:
     """The job array's last step: every shard must be there; then the manifest, as a single run writes it."""
     missing = [f"docs/{shard_path(out / 'docs', i).name}" for i in range(n_doc_shards)
                if not shard_path(out / "docs", i).exists()]
@@ -440,13 +436,14 @@ def _finish_slices(cfg: PrepConfig, out: Path, ds: Dataset, tokenizer, policy, t
         from data_prep.mining import NegativeMiner
 
         mining = NegativeMiner(ds.documents, cfg.mining).provenance()
-    manifest = finish(cfg, out, ds, tokenizer, policy, t0, log, mining=mining)
+    manifest = finish(cfg, out, ds, tokenizer, policy, t0, log, mining=mining, doc_lengths=doc_lengths)
     prov_path.unlink(missing_ok=True)
     return manifest
 
 
-def finish(cfg: PrepConfig, out: Path, ds: Dataset, tokenizer, policy, t0: float, log=print, mining: dict | None = None) -> dict:
-    """Count, fingerprint and write quarantine.jsonl and the manifest (last)."""
+def finish(cfg: PrepConfig, out: Path, ds: Dataset, tokenizer, policy, t0: float, log=print, mining: dict | None = None,
+           *, doc_lengths: dict) -> dict:
+    """Count, fingerprint and write quarantine.jsonl, truncated.jsonl, split_ids.json and the manifest (last)."""
     import pyarrow as pa
     import pyarrow.compute  # noqa: F401  (pa.compute below; not imported by `import pyarrow` itself)
 
@@ -475,20 +472,24 @@ def finish(cfg: PrepConfig, out: Path, ds: Dataset, tokenizer, policy, t0: float
     fingerprint = sha256_json({"shards": {k: [(e["name"], e["sha256"]) for e in v] for k, v in shards.items()},
                                "tokenizer": tok_fp, "config": content_config(cfg)})
     size = sum(e["bytes"] for v in shards.values() for e in v)
-    truncated = count_cuts(out, cfg.tagging.max_length, cfg.tagging.max_doc_length)
+    truncated = count_cuts(out, cfg.tagging.max_length, doc_lengths["chosen"])
+    write_report(out)  # one line per cut row / document; its line count is truncated["rows"] + ["docs"]
+    selection = {k: v for k, v in ds.selection.items() if k not in ("ids", "tokenizer_texts")}
+    holdout.write_ids(out, selection, ds.selection["ids"])
     manifest = write_manifest(
         out, "data_prep", fingerprint=fingerprint, task=ds.task, kind=cfg.kind,
-        config=asdict(cfg), inputs=input_fingerprints(cfg) if not cfg.from_hub else [{"hub": cfg.from_hub, "split": cfg.split}],
+        config=resolved_config(cfg, doc_lengths), inputs=input_fingerprints(cfg) if not cfg.from_hub else [{"hub": cfg.from_hub, "split": cfg.split}],
         tokenizer={"source": cfg.tokenizer, "fingerprint": tok_fp, "vocab_size": len(tokenizer),
                    "special_token_ids": add_special_tokens(tokenizer, cfg.tokens), "eos_token_id": tokenizer.eos_token_id},
         tokenizer_source=describe_source(cfg.tokenizer),
         counts=counts, tokens=tokens, bytes=size, shards=shards, notes=ds.notes, truncated=truncated,
-        mining=mining or {"config": asdict(cfg.mining)},
+        doc_lengths=doc_lengths, holdout=selection, mining=mining or {"config": asdict(cfg.mining)},
     )
     log(f"[prep] wrote {counts['queries']} query rows ({tokens['queries']} tokens, {counts['ret_tokens']} RET) and "
         f"{counts['docs']} documents ({tokens['docs']} tokens), {size / 1e6:.1f} MB, to {out} in {time.time() - t0:.1f} s")
     if cut := describe_cuts(truncated, counts["queries"], counts["docs"]):
         log(f"[prep] {cut}")
+        log(f"[prep] each cut row / document: {out / REPORT}")
     if quarantine:
         log(f"[prep] {len(quarantine)} record(s) quarantined with their reasons in {out / 'quarantine.jsonl'}")
     return manifest

@@ -82,3 +82,6 @@ class Dataset:
     documents: dict[str, Document]
     source: str = ""
     notes: list[str] = field(default_factory=list)
+    # How prepare chose the examples (data_prep.holdout.record: part, fraction, seed, counts, ids);
+    # empty straight from a reader.
+    selection: dict[str, Any] = field(default_factory=dict)

@@ -25,10 +25,11 @@ Document rows: ``[CTX] title: text`` then ``[RET] [RD]`` (``[SE]`` for entities)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 from data_prep.records import NIL_ID, Document, LinkingExample, MultiHopExample
+from onegen.config import FieldError
 from onegen.roles import CTX, GEN, RET, ret_positions
 from onegen.tokens import SpecialTokens
 
@@ -61,10 +62,23 @@ class LinkTemplate:
 @dataclass
 class TaggingConfig:
     max_length: int = field(default=512, metadata={"help": "max tokens of a query row; longer rows are shortened from their inserted paragraphs (counted in the manifest's 'truncated')"})
-    max_doc_length: int = field(default=128, metadata={"help": "max tokens of a document row (text cut, the RET token kept; counted in the manifest's 'truncated')"})
+    max_doc_length: int | Literal["auto"] = field(default="auto", metadata={"help": (
+        "max tokens of a document row (text cut, the RET token kept; each cut listed in truncated.jsonl); auto = the "
+        "max_doc_length_percentile of this pool's document row lengths, capped at max_doc_length_cap, computed over "
+        "the whole pool before any shard (data_prep/doclength.py; the manifest's config holds the resolved number)")})
+    max_doc_length_cap: int = field(default=512, metadata={"help": "upper bound of max_doc_length=auto"})
+    max_doc_length_percentile: float = field(default=99.0, metadata={"help": "max_doc_length=auto: this percentile (nearest rank) of the document row lengths"})
     use_chat_template: bool = field(default=True, metadata={"help": "wrap the instruction as the user turn when the tokenizer has a chat template"})
     rag: RagTemplate = field(default_factory=RagTemplate)
     link: LinkTemplate = field(default_factory=LinkTemplate)
+
+    def __post_init__(self) -> None:
+        if self.max_doc_length != "auto" and self.max_doc_length < 2:
+            raise FieldError("tagging.max_doc_length", f"must be >= 2 (a token and RET) or auto, got {self.max_doc_length}")
+        if self.max_doc_length_cap < 2:
+            raise FieldError("tagging.max_doc_length_cap", f"must be >= 2, got {self.max_doc_length_cap}")
+        if not 0 < self.max_doc_length_percentile <= 100:
+            raise FieldError("tagging.max_doc_length_percentile", f"must be in (0, 100], got {self.max_doc_length_percentile}")
 
 
 class TooLong(Exception):
@@ -85,7 +99,9 @@ class Tagger:
         self.tok = tokenizer
         self.tokens = tokens
         self.ids = token_ids
-        self.cfg = cfg
+        # max_doc_length=auto is resolved from the pool by prepare (data_prep/doclength.py); a tagger
+        # built from an unresolved config (e.g. default templates at inference) uses the cap.
+        self.cfg = cfg if cfg.max_doc_length != "auto" else replace(cfg, max_doc_length=cfg.max_doc_length_cap)
         self.eos = tokenizer.eos_token_id
         if self.eos is None:
             raise ValueError("the tokenizer has no EOS token: training targets must end with EOS")
@@ -95,6 +111,9 @@ class Tagger:
         # these before and after each shard and reports the totals (manifest "truncated").
         self.cut_rows = 0
         self.cut_docs = 0
+        # One entry per cut row / document (what was cut, from how many tokens to how many), for
+        # OUT/truncated.jsonl (data_prep.truncation); prepare takes each shard's entries off the end.
+        self.cut_log: list[dict] = []
 
     # ---- helpers -------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -113,15 +132,30 @@ class Tagger:
         return self.ids[getattr(self.tokens, key)]
 
     # ---- documents -----------------------------------------------------------------------
-    def document_row(self, doc: Document, *, entity: bool = False) -> Row:
+    def _document_text(self, doc: Document, entity: bool) -> str:
         template = self.cfg.link.entity if entity else self.cfg.rag.document
+        return template.format(title=doc.title, text=doc.text).strip()
+
+    def document_row(self, doc: Document, *, entity: bool = False) -> Row:
         ret = self.tid("se" if entity else "rd")
-        body = self.bos + self.encode(template.format(title=doc.title, text=doc.text).strip())
-        if len(body) > self.cfg.max_doc_length - 1:
+        body = self.bos + self.encode(self._document_text(doc, entity))
+        limit = self.cfg.max_doc_length
+        if len(body) > limit - 1:
             self.cut_docs += 1
-            body = body[: self.cfg.max_doc_length - 1]
+            self.cut_log.append({"doc_id": doc.doc_id, "tokens": len(body) + 1, "kept": limit,
+                                 "reason": f"document longer than tagging.max_doc_length {limit}: end of its text cut"})
+            body = body[: limit - 1]
         ids = body + [ret]
         return Row(ids, [CTX] * len(body) + [RET], prompt_len=len(ids))
+
+    def document_lengths(self, docs: list[Document], *, entity: bool = False, batch: int = 1024) -> list[int]:
+        """The uncut token length of each document's row (what ``document_row`` builds before cutting)."""
+        out: list[int] = []
+        for s in range(0, len(docs), batch):
+            texts = [self._document_text(d, entity) for d in docs[s:s + batch]]
+            ids = self.tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+            out += [len(self.bos) + len(x) + 1 if t else len(self.bos) + 1 for t, x in zip(texts, ids)]
+        return out
 
     # ---- multi-hop RAG -------------------------------------------------------------------
     def rag_prompt(self, question: str) -> list[int]:
@@ -153,7 +187,11 @@ class Tagger:
             )
         if sum(map(len, bodies)) > budget:
             self.cut_rows += 1
+            full = fixed + sum(map(len, bodies))
             bodies = _shorten_longest_first(bodies, budget)
+            self.cut_log.append({"example_id": ex.example_id, "tokens": full, "kept": fixed + sum(map(len, bodies)),
+                                 "reason": f"row longer than tagging.max_length {self.cfg.max_length}: "
+                                           f"inserted paragraphs shortened"})
 
         ids, roles = list(prompt), [CTX] * len(prompt)
         for lead, body in zip(leads, bodies):

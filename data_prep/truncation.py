@@ -9,6 +9,15 @@ job array counts the same), and ``finish`` sums them into the manifest::
     "truncated": {"rows": 12, "docs": 40, "max_length": 512, "max_doc_length": 128}
 
 and prints ``[prep] cut 12 of 2000 rows to 512 tokens and 40 of 3301 documents to 128 tokens``.
+
+Every cut is also listed: the sidecar carries one entry per cut document or row (``"items"``, from
+``Tagger.cut_log``), and ``finish`` writes them all to ``OUT/truncated.jsonl``, doc shards first, in
+shard and row order, one line each::
+
+    {"doc_id": "Alû", "tokens": 301, "kept": 260, "reason": "document longer than tagging.max_doc_length 260: ..."}
+    {"example_id": "5a8b...", "tokens": 733, "kept": 512, "reason": "row longer than tagging.max_length 512: ..."}
+
+(``tokens``: the row's length before cutting; ``kept``: after; both count BOS/RET/special tokens.)
 """
 
 from __future__ import annotations
@@ -16,15 +25,30 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from onegen.manifest import atomic_write_json
+from onegen.manifest import atomic_write_bytes, atomic_write_json
+
+REPORT = "truncated.jsonl"
 
 
 def sidecar(directory: str | Path, index: int) -> Path:
     return Path(directory) / f"shard-{index:05d}.cut.json"
 
 
-def write_cut_count(directory: str | Path, index: int, cut: int) -> None:
-    atomic_write_json(sidecar(directory, index), {"cut": int(cut)})
+def write_cut_count(directory: str | Path, index: int, cut: int, items: list[dict] | None = None) -> None:
+    atomic_write_json(sidecar(directory, index), {"cut": int(cut), "items": list(items or [])})
+
+
+def write_report(out: str | Path) -> int:
+    """``OUT/truncated.jsonl`` from every shard's sidecar (docs, then queries); returns its line count."""
+    lines = []
+    for sub in ("docs", "queries"):
+        for shard in sorted((Path(out) / sub).glob("shard-*.arrow")):
+            side = shard.parent / (shard.stem + ".cut.json")
+            if side.is_file():
+                lines += [json.dumps(it, ensure_ascii=False, sort_keys=True) + "\n"
+                          for it in json.loads(side.read_text()).get("items", [])]
+    atomic_write_bytes(Path(out) / REPORT, "".join(lines).encode())
+    return len(lines)
 
 
 def _sum(directory: Path) -> tuple[int, int]:

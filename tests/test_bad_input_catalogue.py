@@ -287,7 +287,7 @@ def long_hotpot(i: int) -> dict:
 def c_truncated_rows(e: Env) -> list[str]:
     p = write_jsonl(e.tmp / "long.jsonl", [hotpot(1), hotpot(2), hotpot(3), long_hotpot(4)])
     return _prep("--kind", "hotpotqa", "--input", str(p), "--out", _out(e, "cut"), "--tokenizer", "bpe:300",
-                 "tagging.max_length=256")
+                 "tagging.max_length=256", "tagging.max_doc_length=128")  # a fixed length: the default is auto
 
 
 def _check_cut(e: Env, r: subprocess.CompletedProcess) -> None:
