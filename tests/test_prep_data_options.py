@@ -307,3 +307,17 @@ def test_help_config_lists_the_new_fields():
                  "tagging.max_doc_length = 'auto'", "tagging.max_doc_length_cap = 512",
                  "tagging.max_doc_length_percentile = 99.0"):
         assert name in text, name
+
+
+def test_an_unresolved_auto_tagger_uses_the_cap():
+    """Inference without a dataset builds its tagger from default templates: its paragraph budget is a number."""
+    from data_prep.tagging import Tagger
+    from data_prep.tokenizer import load_tokenizer
+    from onegen.tokens import SpecialTokens, add_special_tokens
+
+    tok = load_tokenizer("bpe:300", texts=[f"Company{i} was founded by Founder{i}." for i in range(50)])
+    ids = add_special_tokens(tok, SpecialTokens())
+    tagger = Tagger(tok, SpecialTokens(), ids, TaggingConfig(max_doc_length_cap=300))
+    assert tagger.cfg.max_doc_length == 300
+    long = Document("d", "Company1", " ".join(f"Founder{i} was here." for i in range(200)))
+    assert len(tagger.document_row(long).input_ids) == 300 and tagger.cut_log[0]["kept"] == 300
