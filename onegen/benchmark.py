@@ -29,7 +29,7 @@ from onegen.benchmark_config import BenchmarkConfig, ElSet, RagSet, resolve
 from onegen.config import help_text, load_config
 from onegen.environment import apply_offline_defaults
 from onegen.errors import ConfigError, OneGenError
-from onegen.stages import ROOT, Stage, run_stages, torchrun
+from onegen.stages import ROOT, Stage, run_stages, stage_seconds, torchrun
 
 PY = sys.executable
 
@@ -100,9 +100,23 @@ def train_stage(cfg: BenchmarkConfig, out: Path, train_dirs: list[Path], eval_di
                           "--ranks": cfg.train.ranks}, keep=True)
 
 
+SHARED_INDEX = ("onegen", "two-pass")  # both search the checkpoint's own [RD] index: built once per dataset
+
+
+def index_stage(out: Path, name: str, data: Path, n: int) -> Stage:
+    """The held-out part's [RD] index, over the evaluated questions' own paragraphs only (``--rows``)."""
+    model, idx = out / "train-onegen" / "model", out / "index" / name
+    cmd = [PY, "-m", "evaluation", "index", "--model", str(model), "--data", str(data), "--out", str(idx)]
+    if n > 0:
+        cmd += ["--rows", str(n)]
+    return Stage(f"index-{name}", f"3/4 index {name}'s held-out paragraphs with the OneGen checkpoint", cmd, idx,
+                 done=[idx / "manifest.json"], inputs=[model, data], options={"--eval-examples": n})
+
+
 def eval_stage(cfg: BenchmarkConfig, out: Path, name: str, data: Path, method: str, n: int, uri: str,
                rag: bool = True) -> Stage:
     model, res = out / "train-onegen" / "model", out / "eval" / f"{name}-{method}"
+    index = out / "index" / name
     cmd = [PY, "-m", "evaluation", "run", "--model", str(model), "--data", str(data), "--method", method,
            "--out", str(res), "--gen-batch-size", str(cfg.eval.gen_batch_size), "--normalization", cfg.eval.normalization,
            "--tracking-uri", uri, "--experiment", cfg.name, "--run-name", f"eval-{name}-{method}"]
@@ -110,8 +124,11 @@ def eval_stage(cfg: BenchmarkConfig, out: Path, name: str, data: Path, method: s
         cmd += ["--max-examples", str(n)]
     if rag:  # (entity linking's default budget follows each text's length)
         cmd += ["--max-new-tokens", str(cfg.eval.max_new_tokens)]
+    shared = rag and method in SHARED_INDEX
+    if shared:
+        cmd += ["--index", str(index)]
     return Stage(f"eval-{name}-{method}", f"3/4 evaluate {method} on {name}", cmd, res,
-                 done=[res / "metrics.json", res / "manifest.json"], inputs=[model, data],
+                 done=[res / "metrics.json", res / "manifest.json"], inputs=[model, data, *([index] if shared else [])],
                  options={"--eval-examples": n, "--normalization": cfg.eval.normalization})
 
 
@@ -137,6 +154,8 @@ def build_stages(cfg: BenchmarkConfig, out: Path) -> tuple[list[Stage], dict]:
             el_eval[e.name] = held
     stages.append(train_stage(cfg, out, train_dirs, list(rag_eval.values()), uri))
     for s in cfg.rag:
+        if any(m in SHARED_INDEX for m in cfg.eval.methods):
+            stages.append(index_stage(out, s.name, rag_eval[s.name], s.eval_examples))
         stages += [eval_stage(cfg, out, s.name, rag_eval[s.name], m, s.eval_examples, uri) for m in cfg.eval.methods]
     for e in cfg.el:
         if e.name in el_eval:
@@ -193,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"onegen benchmark: {ns.config}, {len(stages)} stages, output in {out}", flush=True)
     run_stages(stages, out)
+    layout["seconds"] = stage_seconds(stages)
     from onegen.benchmark_summary import write_summary
 
     result = write_summary(out, cfg, layout, time.time() - t0)

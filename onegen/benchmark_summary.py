@@ -112,8 +112,13 @@ def curves(out: Path) -> list[dict]:
     p = out / "train-onegen" / "metrics.jsonl"
     if not p.exists():
         return []
-    rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
-    return [{k: v for k, v in r.items() if k in ("step", "loss_gen", "loss_ret") or k.startswith("eval/")} for r in rows]
+    by_step: dict[int, dict] = {}  # a step's losses and its held-out evaluation are separate rows
+    for line in p.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            by_step.setdefault(r["step"], {"step": r["step"]}).update(
+                {k: v for k, v in r.items() if k in ("loss_gen", "loss_ret") or k.startswith("eval/")})
+    return [by_step[k] for k in sorted(by_step)]
 
 
 def check_bars(rag: dict[str, dict[str, dict]], el: dict[str, dict]) -> list[dict]:
@@ -169,15 +174,16 @@ def _markdown(out: Path, cfg: Any, rag: dict, el: dict, data: list[dict], curve:
             if any(k in r for k in keys):
                 lines.append(f"| {r['step']} | {_fmt(r.get('loss_gen'))} | " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
     lines += ["", "## Wall time by stage", "", "| stage | s |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in seconds.items()]
+    lines += [f"| {k} | {'reused' if v is None else f'{v:.0f}'} |" for k, v in seconds.items()]
+    lines.append(f"| **all stages** | **{sum(v or 0 for v in seconds.values()):.0f}** |")
     return "\n".join(lines) + "\n"
 
 
-def _cut_total(truncated: Any) -> int | None:
-    if isinstance(truncated, dict):
-        nums = [v for v in truncated.values() if isinstance(v, int) and not isinstance(v, bool)]
-        return sum(nums) if nums else None
-    return truncated if isinstance(truncated, int) else None
+def _cut_total(truncated: Any) -> str | None:
+    """``"7 rows, 73 docs"``: what data_prep shortened to fit (each listed in the dir's truncated.jsonl)."""
+    if not isinstance(truncated, dict):
+        return None
+    return f"{truncated.get('rows', 0)} rows, {truncated.get('docs', 0)} docs"
 
 
 def write_summary(out: Path, cfg: Any, layout: dict, wall: float) -> dict:

@@ -68,7 +68,7 @@ def test_train_and_heldout_parts_are_split_by_the_same_rule_and_only_training_pa
         ["2wiki-train", "hotpotqa-train", "reuters-128-train"]
     assert by["train-onegen"].keep  # a trained model is never replaced silently
     evals = [s for s in stages if s.name.startswith("eval-")]
-    assert len(evals) == 2 * len(METHODS) + 3
+    assert len(evals) == 2 * len(METHODS) + 3 and {"index-2wiki", "index-hotpotqa"} <= set(by)
     assert all(str(tmp_path / "train-onegen" / "model") in s.cmd for s in evals)  # one generator for every method
     assert set(layout["rag"]) == {"2wiki", "hotpotqa"} and set(layout["el"]) == {"reuters-128", "kore50", "oke-2015"}
 
