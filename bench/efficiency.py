@@ -41,7 +41,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 METHODS = ("one-pass", "two-pass", "pipeline")
 CSV_COLUMNS = ["sweep", "query_tokens", "retrievals", "method", "median_s", "min_s", "max_s", "repeats",

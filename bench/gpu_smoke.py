@@ -29,10 +29,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script: make the repository importable (onegen, pipeline)
-    sys.path.insert(0, str(ROOT))
-
 # Dense (no sparsity) bf16 tensor-core peak per GPU, FLOP/s, from the vendors' data sheets. The first
 # entry whose key is in the device name (upper case) wins, so the specific names come first.
 PEAK_BF16 = (

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -24,15 +25,35 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# The smallest model, under the --model overrides (which set all four by default).
+TINY_MODEL = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1", "model.num_heads=2"]
 
-from tests.train_fixtures import env, train_cmd  # noqa: E402
+
+def env() -> dict:
+    """This environment, offline, without a launcher's variables or a tracking URI left from elsewhere."""
+    e = dict(os.environ)
+    e.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true", TOKENIZERS_PARALLELISM="false",
+             TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"), PYTHONUNBUFFERED="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "MLFLOW_TRACKING_URI"):
+        e.pop(k, None)
+    return e
+
+
+def train_cmd(launcher: str, data: Path, out: Path, *overrides: str) -> list[str]:
+    """The trainer on ``data`` (tiny-cpu recipe, no eval) as one process (python) or two ranks (torchrun)."""
+    args = ["--config", str(ROOT / "configs" / "tiny-cpu.yaml"), f"data.train=[{data}]", "data.eval=[]",
+            f"output_dir={out}", *TINY_MODEL, *overrides]
+    script = str(ROOT / "pipeline" / "train.py")
+    if launcher == "python":
+        return [sys.executable, script, *args]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *args]
+    raise ValueError(launcher)
 
 
 def run(launcher: str, data: Path, out: Path, steps: int, mode: str, model: list[str], extra: tuple[str, ...] = ()) -> dict:
-    cmd = train_cmd(launcher, data.parent, out, f"optim.max_steps={steps}", f"loss.mode={mode}", "checkpoint_every=100000",
+    cmd = train_cmd(launcher, data, out, f"optim.max_steps={steps}", f"loss.mode={mode}", "checkpoint_every=100000",
                     "export=false", *model, *extra)
-    cmd = [c if not c.startswith("data.train=") else f"data.train=[{data}]" for c in cmd]
     t0 = time.time()
     p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True)
     if p.returncode != 0:

@@ -34,15 +34,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-if __package__ in (None, ""):  # run as a script (deepspeed pipeline/train.py): make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import onegen.distributed as collectives  # noqa: E402
-from onegen.config import dump_yaml, help_text, load_config  # noqa: E402
-from onegen.errors import OneGenError  # noqa: E402
-from onegen.runlock import DirLock  # noqa: E402
-from pipeline.config import TrainConfig  # noqa: E402
-from pipeline.orphans import start_watchdog  # noqa: E402
+# Run as a script too (deepspeed pipeline/train.py): onegen and pipeline import through the editable
+# install (pip install -e .), from any working directory.
+import onegen.distributed as collectives
+from onegen.config import dump_yaml, help_text, load_config
+from onegen.errors import OneGenError
+from onegen.runlock import DirLock
+from pipeline.config import TrainConfig
+from pipeline.orphans import start_watchdog
 
 log = logging.getLogger("onegen.train")
 FINAL_STATS = ("loss", "loss_gen", "loss_ret", "ret_acc")  # the summary's final losses, also kept in each checkpoint
