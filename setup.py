@@ -64,5 +64,13 @@ setup(
         "flash": ["flash-attn>=2.6"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3"],
     },
-    entry_points={"console_scripts": ["onegen-prep=data_prep.__main__:main"]},
+    # Each stage's own CLI (the same as ``python -m data_prep`` / ``deepspeed pipeline/train.py`` (one
+    # process) / ``python -m evaluation`` / scripts/quickstart.sh / scripts/benchmark.sh), on PATH.
+    entry_points={"console_scripts": [
+        "onegen-prep=data_prep.__main__:main",
+        "onegen-train=pipeline.train:main",
+        "onegen-eval=evaluation.cli:main",
+        "onegen-quickstart=onegen.quickstart:main",
+        "onegen-benchmark=onegen.benchmark:main",
+    ]},
 )
