@@ -152,16 +152,7 @@ def link_steps(rt: Runtime, row: dict, index: DocIndex, cfg: LinkConfig, s: Cont
                 break
             tok = replay[len(generated)]
         else:
-            logits = out.logits.clone()
-            logits[banned] = float("-inf")
-            if len(links) >= cfg.max_links:
-                logits[m_open] = logits[lk] = float("-inf")
-            if cfg.constrain:
-                if in_mention:
-                    logits[m_open] = float("-inf")
-                if not in_mention or mention_len == 0:
-                    logits[lk] = float("-inf")
-            tok = int(torch.argmax(logits))
+            tok = _next_token(out.logits, banned, cfg, len(links), in_mention, mention_len, m_open, lk)
         generated.append(tok)
         if tok == eos:
             s.push([tok])
@@ -184,7 +175,40 @@ def link_steps(rt: Runtime, row: dict, index: DocIndex, cfg: LinkConfig, s: Cont
             continue
         out = yield "decode"
 
-    marked = parse_marked(generated, rt.tokenizer, mention_open=m_open, lk=lk, con=con, eos=eos)
+    predictions, unaligned = _place_links(rt, generated, text, links, cfg)
+    counts = s.forwards
+    return LinkResult(
+        example_id=str(row.get("example_id", "")), text=text,
+        output_text=rt.tokenizer.decode(s.context[gen_start:], skip_special_tokens=False),
+        predictions=predictions, gold=[(int(m["start"]), int(m["end"]), str(m["entity_id"])) for m in row.get("mentions") or []],
+        gold_links=list(row.get("positives") or []), links=links, unaligned=unaligned, stop_reason=stop,
+        n_generated=len(generated), decode_steps=counts.get("decode", 0), prefills=counts.get("prefill", 0),
+        link_forwards=counts.get("link", 0), wall_s=time.perf_counter() - t0, output_ids=list(s.context[gen_start:]),
+    )
+
+
+def _next_token(logits: torch.Tensor, banned: torch.Tensor, cfg: LinkConfig, n_links: int, in_mention: bool,
+                mention_len: int, m_open: int, lk: int) -> int:
+    """Greedy next token under the masks: never the banned tokens; no <m>/[LK] past ``max_links``; the grammar."""
+    logits = logits.clone()
+    logits[banned] = float("-inf")
+    if n_links >= cfg.max_links:
+        logits[m_open] = logits[lk] = float("-inf")
+    if cfg.constrain:
+        if in_mention:
+            logits[m_open] = float("-inf")
+        if not in_mention or mention_len == 0:
+            logits[lk] = float("-inf")
+    return int(torch.argmax(logits))
+
+
+def _place_links(rt: Runtime, generated: list[int], text: str, links: list[Link],
+                 cfg: LinkConfig) -> tuple[list[tuple[int, int, str]], int]:
+    """Align the output's marked mentions to ``text`` (setting each link's span); returns the predictions
+    (span + top-1 entity, NIL under ``nil_threshold``) and how many mentions could not be placed."""
+    ids = rt.ids
+    marked = parse_marked(generated, rt.tokenizer, mention_open=ids["mention_open"], lk=ids["lk"], con=ids["con"],
+                          eos=rt.eos_id)
     spans = align_mentions(marked, text)
     predictions: list[tuple[int, int, str]] = []
     unaligned = 0
@@ -197,15 +221,7 @@ def link_steps(rt: Runtime, row: dict, index: DocIndex, cfg: LinkConfig, s: Cont
         top = link.retrieved[0] if link.retrieved else None
         entity = NIL_ID if top is None or (cfg.nil_threshold is not None and top[1] < cfg.nil_threshold) else top[0]
         predictions.append((span[0], span[1], entity))
-    counts = s.forwards
-    return LinkResult(
-        example_id=str(row.get("example_id", "")), text=text,
-        output_text=rt.tokenizer.decode(s.context[gen_start:], skip_special_tokens=False),
-        predictions=predictions, gold=[(int(m["start"]), int(m["end"]), str(m["entity_id"])) for m in row.get("mentions") or []],
-        gold_links=list(row.get("positives") or []), links=links, unaligned=unaligned, stop_reason=stop,
-        n_generated=len(generated), decode_steps=counts.get("decode", 0), prefills=counts.get("prefill", 0),
-        link_forwards=counts.get("link", 0), wall_s=time.perf_counter() - t0, output_ids=list(s.context[gen_start:]),
-    )
+    return predictions, unaligned
 
 
 def run_linking(rt: Runtime, index: DocIndex, cfg: LinkConfig | None = None, indices: Sequence[int] | None = None, *,
