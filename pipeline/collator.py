@@ -147,22 +147,7 @@ class OneGenCollator:
         ]
 
         # (row, pos, positive, negatives) of every query RET vector.
-        rets: list[tuple[int, int, str, list[str]]] = []
-        if with_ret:
-            for b, (row, ro) in enumerate(zip(query_rows, roles)):
-                positions = np.flatnonzero(ro == RET)
-                positives = list(row.get("positives") or [])
-                if len(positives) != len(positions):
-                    raise ValueError(
-                        f"example {row.get('example_id')!r}: {len(positions)} RET tokens but {len(positives)} positives"
-                    )
-                mined = list(row.get("negatives") or [[] for _ in positions])
-                own_positives = set(positives)
-                for hop, (p, pos_id) in enumerate(zip(positions, positives)):
-                    # A gold doc of any hop of this example is never its negative.
-                    pool = [d for d in (mined[hop] if hop < len(mined) else []) if d not in own_positives]
-                    negs = pick_negatives(pool, cfg.num_negatives, str(row.get("example_id", b)), hop, epoch, cfg.seed)
-                    rets.append((b, int(p), pos_id, negs))
+        rets = self._query_rets(query_rows, roles, epoch) if with_ret else []
 
         if cfg.mode == "grit":
             # Each RET vector comes from its own prefix row, so generation and retrieval never share a sequence.
@@ -173,17 +158,7 @@ class OneGenCollator:
                 rets[j] = (base + j, p, pos_id, negs)
 
         doc_ids, rets = self._choose_docs(rets)
-        doc_rows = self.docs_lookup(doc_ids) if doc_ids else []
-        if len(doc_rows) != len(doc_ids):
-            raise ValueError(f"docs_lookup returned {len(doc_rows)} rows for {len(doc_ids)} doc ids")
-        doc_tok = []
-        for want, d in zip(doc_ids, doc_rows):
-            if d["doc_id"] != want:
-                raise ValueError(f"docs_lookup returned doc {d['doc_id']!r} where {want!r} was asked for")
-            r = np.asarray(d["roles"], dtype=np.int8)
-            if r.size == 0 or r[-1] != RET:
-                raise ValueError(f"doc {want!r} does not end with its RET token")
-            doc_tok.append(np.asarray(d["input_ids"], dtype=np.int64))
+        doc_tok = self._doc_tokens(doc_ids)
 
         input_ids = _pad(ids, self.pad_id, cfg.pad_to_multiple_of)
         gen_targets = _pad(targets, IGNORE_INDEX, cfg.pad_to_multiple_of)
@@ -215,6 +190,42 @@ class OneGenCollator:
             q_pos_ids=[r[2] for r in rets],
             q_neg_ids=[r[3] for r in rets],
         )
+
+    def _query_rets(self, query_rows: list[dict[str, Any]], roles: list[np.ndarray],
+                    epoch: int) -> list[tuple[int, int, str, list[str]]]:
+        """(row, pos, positive, negatives) of every query RET vector, its negatives drawn for ``epoch``."""
+        cfg = self.cfg
+        rets: list[tuple[int, int, str, list[str]]] = []
+        for b, (row, ro) in enumerate(zip(query_rows, roles)):
+            positions = np.flatnonzero(ro == RET)
+            positives = list(row.get("positives") or [])
+            if len(positives) != len(positions):
+                raise ValueError(
+                    f"example {row.get('example_id')!r}: {len(positions)} RET tokens but {len(positives)} positives"
+                )
+            mined = list(row.get("negatives") or [[] for _ in positions])
+            own_positives = set(positives)
+            for hop, (p, pos_id) in enumerate(zip(positions, positives)):
+                # A gold doc of any hop of this example is never its negative.
+                pool = [d for d in (mined[hop] if hop < len(mined) else []) if d not in own_positives]
+                negs = pick_negatives(pool, cfg.num_negatives, str(row.get("example_id", b)), hop, epoch, cfg.seed)
+                rets.append((b, int(p), pos_id, negs))
+        return rets
+
+    def _doc_tokens(self, doc_ids: list[str]) -> list[np.ndarray]:
+        """The token ids of ``doc_ids`` from ``docs_lookup``, checked: the docs asked for, in order, each ending with RET."""
+        doc_rows = self.docs_lookup(doc_ids) if doc_ids else []
+        if len(doc_rows) != len(doc_ids):
+            raise ValueError(f"docs_lookup returned {len(doc_rows)} rows for {len(doc_ids)} doc ids")
+        doc_tok = []
+        for want, d in zip(doc_ids, doc_rows):
+            if d["doc_id"] != want:
+                raise ValueError(f"docs_lookup returned doc {d['doc_id']!r} where {want!r} was asked for")
+            r = np.asarray(d["roles"], dtype=np.int8)
+            if r.size == 0 or r[-1] != RET:
+                raise ValueError(f"doc {want!r} does not end with its RET token")
+            doc_tok.append(np.asarray(d["input_ids"], dtype=np.int64))
+        return doc_tok
 
     def _choose_docs(
         self, rets: list[tuple[int, int, str, list[str]]]
