@@ -121,6 +121,17 @@ def curves(out: Path) -> list[dict]:
     return [by_step[k] for k in sorted(by_step)]
 
 
+def training_cost(out: Path) -> dict:
+    """Median step time and peak memory of the training run (metrics.jsonl), what the CPU budget is made of."""
+    p = out / "train-onegen" / "metrics.jsonl"
+    rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []
+    steps = sorted(r["step_s"] for r in rows if r.get("step_s") is not None)
+    peaks = [r["peak_mem_mb"] for r in rows if r.get("peak_mem_mb") is not None]
+    return {"steps": max((r["step"] for r in rows), default=0),
+            "median_step_s": steps[len(steps) // 2] if steps else None,
+            "peak_mem_gb": max(peaks) / 1024 if peaks else None}
+
+
 def check_bars(rag: dict[str, dict[str, dict]], el: dict[str, dict]) -> list[dict]:
     """The issue's bars: per QA dataset OneGen's teacher-forced Recall@1 above each pipeline's and its EM
     above no-retrieval's; per EL dataset gold-mention linking above name match. None: not measured."""
@@ -166,6 +177,9 @@ def _markdown(out: Path, cfg: Any, rag: dict, el: dict, data: list[dict], curve:
     for d in data:
         for reason, n in d["reasons"].items():
             lines.append(f"- {d['dir']}: {n} quarantined — {reason}")
+    cost = training_cost(out)
+    lines += ["", f"Training: {cost['steps']} steps, median {_fmt(cost['median_step_s'])} s a step, peak memory "
+                  f"{_fmt(cost['peak_mem_gb'])} GB (process RSS high-water mark, metrics.jsonl)."]
     if curve:
         keys = sorted({k for r in curve for k in r if k.startswith("eval/") and "retrieval_acc" in k})
         lines += ["", "## Training curves (held-out teacher-forced retrieval accuracy, loss_gen)", "",
@@ -194,7 +208,7 @@ def write_summary(out: Path, cfg: Any, layout: dict, wall: float) -> dict:
     result = {"wall_s": wall, "rag": {n: {m: {"headline": r["headline"], "ci": r["ci"]} for m, r in rows.items()}
                                       for n, rows in rag.items()},
               "el": {n: r["headline"] for n, r in el.items()}, "data": data, "curves": curve, "bars": bars,
-              "seconds": seconds}
+              "seconds": seconds, "training": training_cost(out)}
     (out / "summary.json").write_text(json.dumps(result, indent=2, default=str))
     from onegen.benchmark_plot import plot_benchmark
 
