@@ -37,6 +37,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -157,7 +158,7 @@ def context_needed(rows: list[dict], setup: Setup, retrievals: int) -> int:
     return sum(r["prompt_len"] + 1 + setup.output_tokens + retrievals * (1 + per_hop) for r in rows)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  allow_abbrev=False)
     ap.add_argument("--model", help="exported checkpoint dir (default: a tiny model built in-process)")
@@ -183,11 +184,27 @@ def main(argv: list[str] | None = None) -> int:
         ns.hidden, ns.layers, ns.vocab, ns.docs, ns.repeats = 64, 2, 1000, 32, 1
         ns.query_tokens, ns.retrievals, ns.fixed_query_tokens = [32, 64], [1, 2], 32
         ns.threads = ns.threads or 1
+    return ns
 
+
+@dataclass
+class Bench:
+    """What every timed dialogue shares: the generator runtime, its documents and the three retrievers."""
+
+    rt: Any
+    desc: str
+    n_params: int
+    docs: list
+    retrievers: dict
+    device: str
+    setup: Setup
+
+
+def build_bench(ns: argparse.Namespace, setup: Setup, rng: random.Random) -> Bench:
+    """The model (a checkpoint or a tiny one built here), ``ns.docs`` documents, their index and the retrievers."""
     import torch
 
     from data_prep.encoders import MeanPoolEncoder, default_minilm_path
-    from evaluation.generate import run_dialogue
     from evaluation.index import DocIndex
     from evaluation.retrievers import DenseRetriever, OneGenRetriever, TwoPassRetriever
     from evaluation.runtime import default_device
@@ -196,8 +213,6 @@ def main(argv: list[str] | None = None) -> int:
     if ns.threads:
         torch.set_num_threads(ns.threads)
     device = ns.device or default_device()
-    setup = Setup(ns.rounds, ns.output_tokens, ns.doc_tokens)
-    rng = random.Random(ns.seed)
     max_q = max(ns.query_tokens + [ns.fixed_query_tokens])
     need_pos = ns.rounds * (max_q + 64 + ns.output_tokens + max(ns.retrievals) * (ns.doc_tokens + 3)) + 64
     t_setup = time.perf_counter()
@@ -219,69 +234,100 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(docs)} docs; setup {time.perf_counter() - t_setup:.1f}s", flush=True)
     print(f"dialogue: {setup.rounds} rounds x ({setup.output_tokens} output tokens + [RQ]s), {setup.doc_tokens}-token "
           f"documents; {ns.repeats} repeats, median", flush=True)
+    return Bench(rt, desc, n_params, docs, retrievers, device, setup)
+
+
+def one_dialogue(bench: Bench, method: str, rows: list[dict], cfg, r: int):
+    """Wall time and results of one dialogue with ``method``; checks it did the generation work of every method."""
+    import torch
+
+    from evaluation.generate import run_dialogue
 
     def sync():
-        if device.startswith("cuda"):
+        if bench.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    def one_dialogue(method: str, rows: list[dict], cfg, r: int):
-        sync()
-        t0 = time.perf_counter()
-        res = run_dialogue(rt, rows, retrievers[method], cfg)
-        sync()
-        dt = time.perf_counter() - t0
-        for x in res:  # every method must have done the same generation work
-            if x.n_generated != setup.output_tokens + r or len(x.hops) != r:
-                raise AssertionError(f"{method}: round {x.round} generated {x.n_generated} tokens with {len(x.hops)} "
-                                     f"retrievals; expected {setup.output_tokens + r} and {r}")
-        return dt, res
+    setup = bench.setup
+    sync()
+    t0 = time.perf_counter()
+    res = run_dialogue(bench.rt, rows, bench.retrievers[method], cfg)
+    sync()
+    dt = time.perf_counter() - t0
+    for x in res:  # every method must have done the same generation work
+        if x.n_generated != setup.output_tokens + r or len(x.hops) != r:
+            raise AssertionError(f"{method}: round {x.round} generated {x.n_generated} tokens with {len(x.hops)} "
+                                 f"retrievals; expected {setup.output_tokens + r} and {r}")
+    return dt, res
 
-    points = [("query_length", q, 1) for q in ns.query_tokens] + [("retrievals", ns.fixed_query_tokens, r) for r in ns.retrievals]
-    records: list[dict] = []
-    for sweep, q, r in points:
-        rows = dialogue_rows(rt, q, setup.rounds, rng)
-        if context_needed(rows, setup, r) > rt.max_positions:
-            print(f"skip {sweep} Q={q} R={r}: the dialogue needs {context_needed(rows, setup, r)} positions, the model "
-                  f"has {rt.max_positions}", flush=True)
-            continue
-        cfg = gen_config(setup, r)
-        times: dict[str, list[float]] = {m: [] for m in METHODS}
-        last: dict[str, list] = {}
-        for m in METHODS:  # warm-up (allocator, caches)
-            one_dialogue(m, rows, cfg, r)
-        for _ in range(ns.repeats):
-            for m in METHODS:
-                dt, last[m] = one_dialogue(m, rows, cfg, r)
-                times[m].append(dt)
-        base = statistics.median(times["one-pass"])
+
+def measure_point(bench: Bench, sweep: str, q: int, r: int, repeats: int, rng: random.Random) -> list[dict]:
+    """One point of a sweep: a warm-up, then ``repeats`` dialogues per method (interleaved); a CSV record per method."""
+    rt, setup = bench.rt, bench.setup
+    rows = dialogue_rows(rt, q, setup.rounds, rng)
+    if context_needed(rows, setup, r) > rt.max_positions:
+        print(f"skip {sweep} Q={q} R={r}: the dialogue needs {context_needed(rows, setup, r)} positions, the model "
+              f"has {rt.max_positions}", flush=True)
+        return []
+    cfg = gen_config(setup, r)
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    last: dict[str, list] = {}
+    for m in METHODS:  # warm-up (allocator, caches)
+        one_dialogue(bench, m, rows, cfg, r)
+    for _ in range(repeats):
         for m in METHODS:
-            med = statistics.median(times[m])
-            res = last[m]
-            records.append({
-                "sweep": sweep, "query_tokens": q, "retrievals": r, "method": m, "median_s": round(med, 6),
-                "min_s": round(min(times[m]), 6), "max_s": round(max(times[m]), 6), "repeats": ns.repeats,
-                "context_tokens": res[-1].context_tokens,
-                "generator_forwards": sum(x.decode_steps + x.prefills for x in res),
-                "retriever_forwards": sum(x.retriever_forwards for x in res),
-                "ratio_vs_one_pass": round(med / base, 4),
-            })
-        print(f"{sweep:>12} Q={q:<4} R={r}: " + "  ".join(
-            f"{m} {statistics.median(times[m]) * 1000:8.1f} ms" for m in METHODS), flush=True)
+            dt, last[m] = one_dialogue(bench, m, rows, cfg, r)
+            times[m].append(dt)
+    base = statistics.median(times["one-pass"])
+    records = []
+    for m in METHODS:
+        med = statistics.median(times[m])
+        res = last[m]
+        records.append({
+            "sweep": sweep, "query_tokens": q, "retrievals": r, "method": m, "median_s": round(med, 6),
+            "min_s": round(min(times[m]), 6), "max_s": round(max(times[m]), 6), "repeats": repeats,
+            "context_tokens": res[-1].context_tokens,
+            "generator_forwards": sum(x.decode_steps + x.prefills for x in res),
+            "retriever_forwards": sum(x.retriever_forwards for x in res),
+            "ratio_vs_one_pass": round(med / base, 4),
+        })
+    print(f"{sweep:>12} Q={q:<4} R={r}: " + "  ".join(
+        f"{m} {statistics.median(times[m]) * 1000:8.1f} ms" for m in METHODS), flush=True)
+    return records
 
-    out = Path(ns.out)
+
+def write_results(out: Path, records: list[dict], bench: Bench, ns: argparse.Namespace) -> Path:
+    """``efficiency.csv`` and ``efficiency.json`` (the setup) under ``out``; returns the PNG's path."""
+    import torch
+
+    from data_prep.encoders import default_minilm_path
+
+    setup = bench.setup
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "efficiency.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         w.writeheader()
         w.writerows(records)
     (out / "efficiency.json").write_text(json.dumps({
-        "model": desc, "params": n_params, "device": device, "torch_threads": torch.get_num_threads(),
+        "model": bench.desc, "params": bench.n_params, "device": bench.device, "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
         "rounds": setup.rounds, "output_tokens": setup.output_tokens, "doc_tokens": setup.doc_tokens,
-        "docs": len(docs), "repeats": ns.repeats, "query_tokens": ns.query_tokens, "retrievals": ns.retrievals,
+        "docs": len(bench.docs), "repeats": ns.repeats, "query_tokens": ns.query_tokens, "retrievals": ns.retrievals,
         "fixed_query_tokens": ns.fixed_query_tokens, "pipeline_encoder": str(default_minilm_path()),
     }, indent=2))
-    png = plot(records, out / "efficiency.png", desc, setup, ns.fixed_query_tokens)
+    return plot(records, out / "efficiency.png", bench.desc, setup, ns.fixed_query_tokens)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(argv)
+    setup = Setup(ns.rounds, ns.output_tokens, ns.doc_tokens)
+    rng = random.Random(ns.seed)
+    bench = build_bench(ns, setup, rng)
+    points = [("query_length", q, 1) for q in ns.query_tokens] + [("retrievals", ns.fixed_query_tokens, r) for r in ns.retrievals]
+    records: list[dict] = []
+    for sweep, q, r in points:
+        records += measure_point(bench, sweep, q, r, ns.repeats, rng)
+    out = Path(ns.out)
+    png = write_results(out, records, bench, ns)
     print(f"\nwrote {out / 'efficiency.csv'}, {png}, {out / 'efficiency.json'}")
     print_ratios(records)
     return 0
