@@ -62,6 +62,8 @@ from pathlib import Path
 
 from onegen.environment import apply_offline_defaults
 from onegen.errors import ConfigError, OneGenError
+from onegen.mlflow_tags import (EVAL_STAGE, TAG_LOGGED_LATER, TAG_REPLACED_BY, TAG_RESULTS_ID, TAG_STAGE,
+                                TAG_TRAIN_RUN)
 
 METHOD_NAMES = ["onegen", "two-pass", "pipeline-bm25", "pipeline-minilm", "no-retrieval"]  # = run.METHODS
 # = "auto" + onegen.devices.DTYPES / ATTENTIONS (spelled out: `--help` does not import torch; a test checks)
@@ -149,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
 
     pc = sub.add_parser("compare", help="side-by-side table + chart of the eval runs of an experiment", allow_abbrev=False,
-                        description="Print the eval runs (tag onegen.stage=eval) of an MLflow experiment as a "
+                        description=f"Print the eval runs (tag {TAG_STAGE}={EVAL_STAGE}) of an MLflow experiment as a "
                                     "table and write it as a PNG chart (grouped bars) plus CSV and markdown "
                                     "(same path, .csv / .md).")
     pc.add_argument("--experiment", default="onegen", help="MLflow experiment (default onegen)")
@@ -164,16 +166,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_log_parser(sub, fmt) -> None:
     pl = sub.add_parser("log", help="log results dirs into MLflow afterwards (e.g. after an outage)", formatter_class=fmt,
-                        allow_abbrev=False, description="""\
+                        allow_abbrev=False, description=f"""\
 Log evaluation results that are on disk but not in MLflow: runs made with --no-mlflow, while the
 server was down, or while the store was unusable. Each RESULTS_DIR's tracking.json (written by
 every `run`) holds the run as it was (or would have been) logged: experiment, run name, tags (the
-link to the training run, onegen.train_run_id), params, metrics, artifacts, times and status. `log`
-makes that same run in the store (plus the tag onegen.logged_later), so `compare` shows it.
+link to the training run, {TAG_TRAIN_RUN}), params, metrics, artifacts, times and status. `log`
+makes that same run in the store (plus the tag {TAG_LOGGED_LATER}), so `compare` shows it.
 
-A results dir already logged there (a FINISHED run with its onegen.results_id in that experiment)
+A results dir already logged there (a FINISHED run with its {TAG_RESULTS_ID} in that experiment)
 is refused unless --force; a run the outage left unfinished is marked FAILED (tag
-onegen.replaced_by). Results changed since the evaluation (predictions.jsonl against manifest.json)
+{TAG_REPLACED_BY}). Results changed since the evaluation (predictions.jsonl against manifest.json)
 are refused. Training output dirs are not accepted: their metrics are in OUTPUT/metrics.jsonl.
 Exit status 0 when every dir was logged, 2 otherwise.""")
     pl.add_argument("results", nargs="+", metavar="RESULTS_DIR", help="results dirs of `python -m evaluation run`")

@@ -24,14 +24,16 @@ from urllib.parse import unquote, urlparse
 
 from onegen.bootstrap import CI, RESAMPLES, SEED, bootstrap_ci, question_values
 from onegen.errors import ConfigError
+from onegen.mlflow_tags import (EVAL_STAGE, TAG_DATASET, TAG_METHOD, TAG_MODE, TAG_MODEL, TAG_SETTING, TAG_STAGE, TAG_TASK,
+                                TAG_TRAIN_RUN)
 
 # (column header, where it comes from); metrics are MLflow metric names (evaluation.tracking.metric_name)
 COLUMNS = [
-    ("method", "tag:onegen.method"),
-    ("mode", "tag:onegen.mode"),
-    ("model", "tag:onegen.model"),
-    ("dataset", "tag:onegen.dataset"),
-    ("setting", "tag:onegen.setting"),
+    ("method", f"tag:{TAG_METHOD}"),
+    ("mode", f"tag:{TAG_MODE}"),
+    ("model", f"tag:{TAG_MODEL}"),
+    ("dataset", f"tag:{TAG_DATASET}"),
+    ("setting", f"tag:{TAG_SETTING}"),
     ("n", "metric:n"),
     ("EM", "metric:em"),
     ("F1", "metric:f1"),
@@ -69,7 +71,7 @@ def collect(tracking_uri: str, experiment: str, *, all_runs: bool = False) -> li
         raise ConfigError(f"no experiment {experiment!r} in {tracking_uri}; experiments there: {names}")
     runs, token = [], None
     while True:
-        page = client.search_runs([exp.experiment_id], filter_string="tags.`onegen.stage` = 'eval'",
+        page = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_STAGE}` = '{EVAL_STAGE}'",
                                   order_by=["attributes.start_time DESC"], max_results=1000, page_token=token)
         runs += list(page)
         token = page.token
@@ -81,14 +83,13 @@ def collect(tracking_uri: str, experiment: str, *, all_runs: bool = False) -> li
         if not all_runs and run.info.status != "FINISHED":
             continue
         tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
-        key = (tags.get("onegen.method"), params.get("model_fingerprint"), tags.get("onegen.dataset"),
-               tags.get("onegen.setting"))
+        key = (tags.get(TAG_METHOD), params.get("model_fingerprint"), tags.get(TAG_DATASET), tags.get(TAG_SETTING))
         if not all_runs and key in seen:
             continue
         seen.add(key)
         row: dict[str, Any] = {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
-                               "train_run_id": tags.get("onegen.train_run_id"), "base_model": params.get("model_source"),
-                               "task": tags.get("onegen.task")}
+                               "train_run_id": tags.get(TAG_TRAIN_RUN), "base_model": params.get("model_source"),
+                               "task": tags.get(TAG_TASK)}
         for name, src in COLUMNS:
             kind, field = src.split(":", 1)
             row[name] = tags.get(field) if kind == "tag" else metrics.get(field)
@@ -275,7 +276,7 @@ def compare(tracking_uri: str, experiment: str, out_png: str | Path, *, all_runs
     rows = collect(tracking_uri, experiment, all_runs=all_runs)
     if not rows:
         raise ConfigError(f"experiment {experiment!r} at {tracking_uri} has no finished eval runs "
-                          f"(tag onegen.stage=eval); run `python -m evaluation run ...` first")
+                          f"(tag {TAG_STAGE}={EVAL_STAGE}); run `python -m evaluation run ...` first")
     attach_cis(rows, tracking_uri)
     title = f"onegen eval runs — experiment {experiment!r} ({len(rows)} runs)"
     console.print(rich_table(rows, title))

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from onegen.errors import ConfigError, ManifestMismatch
+from onegen.mlflow_tags import TAG_LOGGED_LATER, TAG_REPLACED_BY, TAG_RESULTS_ID, TAG_TRAIN_STORE
 
 RECORD = "tracking.json"
 RECORD_VERSION = 1
-TAG_REPLACED_BY = "onegen.replaced_by"
 _KEYS = ("experiment", "run_name", "tags", "params", "metrics", "artifacts", "status", "start_time")
 
 
@@ -93,7 +93,7 @@ def read_record(results_dir: Path) -> dict[str, Any]:
 def log_uri(arg: str | None, rec: dict[str, Any], results_dir: Path) -> str:
     """Where ``log`` writes: ``--tracking-uri`` (``train``: the training run's store), else the store the
     evaluation meant to use, else ``$MLFLOW_TRACKING_URI``, else the default beside the results dir."""
-    from evaluation.tracking import TAG_TRAIN_STORE, default_tracking_uri
+    from evaluation.tracking import default_tracking_uri
 
     if arg == "train":
         store = rec["tags"].get(TAG_TRAIN_STORE)
@@ -109,8 +109,6 @@ def _earlier_runs(client: Any, experiment: str, results_id: str | None) -> tuple
     exp = client.get_experiment_by_name(experiment)
     if exp is None or not results_id:
         return [], []
-    from evaluation.tracking import TAG_RESULTS_ID
-
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{TAG_RESULTS_ID}` = '{results_id}'")
     return ([r.info.run_id for r in runs if r.info.status == "FINISHED"],
             [r.info.run_id for r in runs if r.info.status != "FINISHED"])
@@ -140,7 +138,7 @@ def log_results(results_dir: str | Path, *, tracking_uri: str | None = None, exp
 
 def _log_locked(root: Path, tracking_uri: str | None, experiment: str | None, force: bool,
                 log: Callable[[str], None]) -> Logged:
-    from evaluation.tracking import TAG_LOGGED_LATER, TAG_RESULTS_ID, EvalTracker
+    from evaluation.tracking import EvalTracker
     from onegen.mlflow_store import open_client
 
     rec = read_record(root)

@@ -43,6 +43,8 @@ from typing import Any, Callable
 
 from evaluation.index_reuse import check_given_index, ensure_index
 from onegen.errors import ConfigError
+from onegen.mlflow_tags import (EVAL_STAGE, TAG_DATASET, TAG_METHOD, TAG_MODE, TAG_MODEL, TAG_RESULTS_ID, TAG_SETTING,
+                                TAG_STAGE, TAG_TASK, TAG_TRAIN_RUN, TAG_TRAIN_STORE)
 from onegen.runlock import DirLock
 
 # CLI name -> evaluation.retrievers name
@@ -164,9 +166,7 @@ def _tracker(req: EvalRequest, out: Path, task: str, model_dir: Path, mode: str,
     gone to, for ``python -m evaluation log``."""
     import uuid
 
-    from evaluation.tracking import (EVAL_STAGE, TAG_DATASET, TAG_METHOD, TAG_MODE, TAG_MODEL, TAG_RESULTS_ID,
-                                     TAG_STAGE, TAG_TASK, TAG_TRAIN_STORE, EvalTracker, resolve_tracking_uri,
-                                     train_link)
+    from evaluation.tracking import EvalTracker, resolve_tracking_uri, train_link
 
     dataset, mlabel = Path(req.data).resolve().name, model_label(model_dir)
     train_run_id, train_store = train_link(model_dir)
@@ -177,14 +177,14 @@ def _tracker(req: EvalRequest, out: Path, task: str, model_dir: Path, mode: str,
             raise
         uri = None  # `--tracking-uri train` of a checkpoint without a link, and nothing is logged anyway
     tags = {TAG_STAGE: EVAL_STAGE, TAG_METHOD: req.method, TAG_DATASET: dataset, TAG_MODEL: mlabel, TAG_MODE: mode,
-            TAG_TASK: task, "onegen.setting": req.setting, TAG_RESULTS_ID: uuid.uuid4().hex}
+            TAG_TASK: task, TAG_SETTING: req.setting, TAG_RESULTS_ID: uuid.uuid4().hex}
     if train_store:
         tags[TAG_TRAIN_STORE] = train_store
     run_name = req.run_name or f"{req.method}:{dataset}:{mlabel}"
     tracker = EvalTracker(req.tracking, uri or "", req.experiment, run_name, tags, train_run_id)
     if req.tracking and tracker.ok:
         log(f"MLflow: run {tracker.run_id} in experiment {req.experiment!r} at {uri}"
-            + (f" (training run {train_run_id}, linked by the tag onegen.train_run_id)" if train_run_id else ""))
+            + (f" (training run {train_run_id}, linked by the tag {TAG_TRAIN_RUN})" if train_run_id else ""))
     return tracker, uri if req.tracking else None, train_run_id
 
 

@@ -35,18 +35,7 @@ from typing import Any
 
 from onegen.mlflow_run import MlflowRun
 from onegen.mlflow_store import sqlite_uri
-
-EVAL_STAGE = "eval"
-TAG_STAGE = "onegen.stage"
-TAG_METHOD = "onegen.method"
-TAG_DATASET = "onegen.dataset"
-TAG_MODEL = "onegen.model"
-TAG_MODE = "onegen.mode"
-TAG_TASK = "onegen.task"
-TAG_TRAIN_RUN = "onegen.train_run_id"
-TAG_TRAIN_STORE = "onegen.train_tracking_uri"
-TAG_RESULTS_ID = "onegen.results_id"  # one id per results dir: `evaluation log` refuses to log it twice
-TAG_LOGGED_LATER = "onegen.logged_later"  # set by `evaluation log`: when the results reached MLflow
+from onegen.mlflow_tags import TAG_TRAIN_RUN
 
 
 def default_tracking_uri(results_dir: str | Path) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from onegen.environment import apply_offline_defaults
+from onegen.mlflow_tags import TAG_DATASET, TAG_METHOD
 from onegen.quickstart_summary import write_summary
 from onegen.stages import ROOT, Stage, run_stages, torchrun
 
@@ -194,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
 def _print_mlflow(uri: str, experiment: str) -> None:
     print(f"Open MLflow:  .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000\n"
           f"then:         {_mlflow_url(uri, experiment)}\n"
-          f"              (experiment '{experiment}': every training and evaluation run; columns onegen.method, "
-          f"onegen.dataset, em, recall_at_1_free)")
+          f"              (experiment '{experiment}': every training and evaluation run; columns {TAG_METHOD}, "
+          f"{TAG_DATASET}, em, recall_at_1_free)")
 
 
 def _mlflow_url(uri: str, experiment: str, host: str = "127.0.0.1", port: int = 5000) -> str:

@@ -39,6 +39,7 @@ from typing import Any, Iterator
 import onegen.distributed as collectives
 from onegen.config import dump_yaml, help_text, load_config
 from onegen.errors import OneGenError
+from onegen.mlflow_tags import TAG_MODE, TAG_MODEL, TAG_STAGE, TRAIN_STAGE
 from onegen.runlock import DirLock
 from pipeline.config import TrainConfig
 from pipeline.orphans import start_watchdog
@@ -270,7 +271,7 @@ def _prepare_output(run: Run) -> None:
     dist.barrier()  # no rank saves before rank 0 has cleaned up
     run.tracker = Tracker(out, enabled=run.is_main, tracking_uri=cfg.mlflow_tracking_uri, experiment=cfg.mlflow_experiment,
                           run_name=cfg.run_name or f"train-{cfg.loss.mode}-{cfg.model.source}",
-                          tags={"onegen.stage": "train", "onegen.mode": cfg.loss.mode, "onegen.model": cfg.model.source})
+                          tags={TAG_STAGE: TRAIN_STAGE, TAG_MODE: cfg.loss.mode, TAG_MODEL: cfg.model.source})
     if not run.is_main:
         return
     if run.resumed_from is None:

@@ -17,8 +17,8 @@ import pytest
 
 from evaluation.cli import main
 from evaluation.logbook import RECORD
-from evaluation.tracking import TAG_LOGGED_LATER, TAG_RESULTS_ID, TAG_TRAIN_RUN
 from onegen.mlflow_store import ensure_experiment, local_artifact_root, open_client, sqlite_uri
+from onegen.mlflow_tags import TAG_LOGGED_LATER, TAG_RESULTS_ID, TAG_TRAIN_RUN
 from tests.eval_fixtures import random_model, world  # noqa: F401
 from tests.train_fixtures import ROOT
 

@@ -44,7 +44,8 @@ def test_experiment_opens_on_the_runs_table_and_eval_runs_are_top_level(tmp_path
     the experiment is a machine-learning one, and an eval run is a top-level run linked by tag."""
     from mlflow import MlflowClient
 
-    from evaluation.tracking import TAG_METHOD, TAG_TRAIN_RUN, EvalTracker
+    from evaluation.tracking import EvalTracker
+    from onegen.mlflow_tags import TAG_METHOD, TAG_TRAIN_RUN
     from onegen.mlflow_store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
