@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from evaluation.index import build_index, open_index
     from evaluation.retrievers import build_retriever
     from evaluation.runtime import load_runtime
-    from pipeline.data import open_prepared
+    from onegen.prepared import open_prepared
 
     data = open_prepared(ns.data)
     rt = load_runtime(ns.model, data, device=ns.device)

@@ -11,9 +11,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
-from data_prep.shards import list_shards, load_shards
 from onegen.manifest import read_manifest
 from onegen.roles import CTX, GEN, RET
+from onegen.shards import list_shards, load_shards
 
 STYLE = {CTX: "dim", GEN: "green", RET: "bold magenta"}
 

@@ -35,15 +35,15 @@ from data_prep.mining import MiningConfig, unstemmed_warning
 from data_prep.readers.leads import LEAD_FROM_HELP, LeadFrom
 from data_prep.records import NIL_ID, Dataset, Document
 from data_prep.schema import DOCS_SCHEMA, QUERIES_SCHEMA
-from data_prep.shards import list_shards, remove_stale_temporaries, shard_path, write_shard
 from data_prep.tagging import Tagger, TaggingConfig, TooLong
-from data_prep.tokenizer import describe_source, load_tokenizer, tokenizer_fingerprint
+from data_prep.tokenizer import describe_source, load_tokenizer
 from data_prep.truncation import REPORT, count_cuts, describe_cuts, write_cut_count, write_report
 from data_prep.workers import run_shards
 from onegen.errors import ConfigError, InputError
 from onegen.manifest import MANIFEST_NAME, atomic_write_bytes, atomic_write_json, fingerprint_files, sha256_file, sha256_json, write_manifest
 from onegen.roles import check_row_invariants, ret_positions
-from onegen.tokens import SpecialTokens, add_special_tokens
+from onegen.shards import list_shards, remove_stale_temporaries, shard_path, write_shard
+from onegen.tokens import SpecialTokens, add_special_tokens, tokenizer_fingerprint
 
 
 def _mining_config_cls():

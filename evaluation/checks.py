@@ -13,12 +13,12 @@ from pathlib import Path
 
 from onegen.errors import ManifestMismatch
 from onegen.manifest import ONEGEN_CONFIG
-from pipeline.data import read_output_manifest
+from onegen.prepared import read_output_manifest
 
 
 def model_manifest(model_dir: str | Path) -> dict:
     """The export's manifest (stage ``train``), with a clear error when it is not a model export
-    (a training run given for its ``model/``, a path that does not exist: ``pipeline.data.not_an_output``)."""
+    (a training run given for its ``model/``, a path that does not exist: ``onegen.prepared.not_an_output``)."""
     return read_output_manifest(model_dir, "train")
 
 
@@ -56,7 +56,7 @@ def preflight(model_dir: str | Path, data_dir: str | Path) -> tuple[dict, dict, 
 
     Returns ``(model manifest, onegen_config, data manifest)``.
     """
-    from data_prep.shards import verify_shards
+    from onegen.shards import verify_shards
 
     mman = model_manifest(model_dir)
     ocfg = onegen_config(model_dir)

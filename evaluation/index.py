@@ -181,7 +181,7 @@ def build_index(model_dir: str | Path, prepared_dir: str | Path, out_dir: str | 
     """
     from evaluation.checks import model_manifest
     from evaluation.doc_select import doc_positions, encode_into, subset_doc_ids
-    from pipeline.data import open_prepared
+    from onegen.prepared import open_prepared
 
     if kind not in KINDS:
         raise ConfigError(f"index kind {kind!r} is not one of {list(KINDS)}")

@@ -258,7 +258,7 @@ def _load(req: EvalRequest, out: Path, task: str, ocfg: dict, index_dir: Path | 
     from evaluation.index_reuse import rows_to_index
     from evaluation.precision import LEGACY
     from evaluation.runtime import load_runtime
-    from pipeline.data import open_prepared
+    from onegen.prepared import open_prepared
 
     data = open_prepared(req.data)
     rt = load_runtime(req.model, data, device=req.device, dtype=req.dtype, attn=req.attn)

@@ -25,8 +25,8 @@ from evaluation.precision import Precision, dtype_name, resolve_precision
 from onegen.config import from_dict
 from onegen.devices import default_device  # noqa: F401 (re-exported: bench and older callers import it from here)
 from onegen.errors import ManifestMismatch
+from onegen.prepared import PreparedData
 from onegen.tokens import SpecialTokens
-from pipeline.data import PreparedData
 from pipeline.export import load_model
 from pipeline.forward import decoder_of
 

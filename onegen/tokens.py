@@ -1,4 +1,4 @@
-"""The special tokens of OneGen and how they are added to a tokenizer.
+"""The special tokens of OneGen, how they are added to a tokenizer, and the tokenizer's fingerprint.
 
 RAG: ``[RQ]`` (retrieval query, emitted by the model while answering), ``[RD]`` (after each
 document), ``<paragraph>`` … ``</paragraph>`` around an inserted document. Entity linking: ``[LK]``
@@ -9,6 +9,8 @@ after ``[LK]``. Names are configurable; the description of each token seeds its 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -95,3 +97,13 @@ def base_vocab_size(tokenizer: Any, tokens: SpecialTokens) -> int:
     while n - 1 in ids:
         n -= 1
     return n
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Hash of what decides token ids: the vocabulary (added tokens included) and the class.
+
+    ``data_prep`` records it in the prepared data's manifest, the export in the model's; the trainer and
+    evaluation refuse data whose fingerprint is not their tokenizer's (``onegen.prepared.check_tokenizer``)."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    payload = json.dumps({"class": type(tokenizer).__name__, "vocab": vocab}, ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.data import PreparedData
+from onegen.prepared import PreparedData
 from pipeline.encode import encode_documents, query_vectors
 
 

@@ -188,10 +188,10 @@ def _set_up(cfg: TrainConfig) -> Run:
     from transformers import AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
 
+    from onegen.prepared import check_tokenizer, open_prepared
     from onegen.tokens import SpecialTokens
     from pipeline import checkpoint as ckpt
     from pipeline.collator import CollatorConfig, OneGenCollator
-    from pipeline.data import check_tokenizer, open_prepared
     from pipeline.ds_config import fill_auto, load_ds_config, zero_stage
     from pipeline.loss import JointLossConfig
     from pipeline.model import build_model, choose_dtype, model_config, model_hidden_size
@@ -349,7 +349,7 @@ def _step_metrics(run: Run, stats: dict, n_tokens: float, seconds: float) -> dic
 
 def _finish(run: Run) -> dict:
     """Final evaluation, export, curves and summary."""
-    from data_prep.tokenizer import tokenizer_fingerprint
+    from onegen.tokens import tokenizer_fingerprint
     from pipeline import checkpoint as ckpt
     from pipeline.ds_config import zero_stage
     from pipeline.export import export_model

@@ -48,7 +48,7 @@ def export_random_model(world: Path, out: Path, seed: int = 0) -> Path:
     """A randomly initialised tiny Llama in the layout of ``pipeline.export`` (what evaluation loads)."""
     from transformers import AutoTokenizer
 
-    from data_prep.tokenizer import tokenizer_fingerprint
+    from onegen.tokens import tokenizer_fingerprint
     from onegen.manifest import fingerprint_files, write_manifest
     from onegen.tokens import SpecialTokens
     from pipeline.config import ModelConfig

@@ -505,7 +505,7 @@ CASES: list[Case] = [
          "error: index {tmp}/index_M_A was built from {tmp}/A (<hex>), not from {tmp}/C (<hex>): its doc ids are not this dataset's documents; omit --index to build the right one, or run `python -m evaluation index --model {tmp}/M --data {tmp}/C --out DIR`"),
     Case("truncated-shard", EV, "a truncated Arrow shard in a prepared dataset", c_truncated_shard,
          "error: {tmp}/A_truncated/queries/shard-00000.arrow: <n> bytes but manifest.json records <n> (sha256 <hex>): the shard was truncated, modified or replaced after prep; prepare the dataset again",
-         note="the trainer opens prepared datasets with the same check (pipeline/data.py)"),
+         note="the trainer opens prepared datasets with the same check (onegen/prepared.py)"),
     Case("replaced-shard", EV, "a shard replaced by another run's (no longer the manifest's fingerprint)",
          c_replaced_shard,
          "error: {tmp}/A_replaced/docs/shard-00000.arrow: <n> bytes but manifest.json records <n> (sha256 <hex>): the shard was truncated, modified or replaced after prep; prepare the dataset again"),

@@ -23,13 +23,13 @@ import pytest
 from conftest import ROOT, shared_file
 from data_prep.mining import MiningConfig
 from data_prep.prepare import PrepConfig, prepare
-from data_prep.shards import list_shards, load_shards
 from data_prep.synthetic import WorldConfig
 from data_prep.tagging import TaggingConfig
 from data_prep.world import WorldPrepConfig, prepare_world
 from onegen.errors import ConfigError
 from onegen.manifest import sha256_file
 from onegen.roles import CTX, GEN, IGNORE_INDEX, RET, next_token_targets
+from onegen.shards import list_shards, load_shards
 from onegen.tokens import SpecialTokens
 
 HOTPOT_DISTRACTOR = "hotpotqa/hipporag_hotpot_train_distractor100.json"
@@ -549,7 +549,7 @@ def test_checker_catches_a_tampered_row(world, tmp_path, tamper):
     import shutil
 
     from data_prep.schema import QUERIES_SCHEMA
-    from data_prep.shards import write_shard
+    from onegen.shards import write_shard
 
     d = tmp_path / "copy"
     shutil.copytree(world / "rag_dev", d)

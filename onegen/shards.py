@@ -1,4 +1,5 @@
-"""Arrow shards of the prepared dataset: written atomically, read memory-mapped.
+"""Arrow shards of the prepared dataset: written atomically (``data_prep``), read memory-mapped (the
+trainer, evaluation, ``data_prep inspect``).
 
 Each shard is one Arrow IPC *stream* file (the format ``datasets`` itself stores), written under a
 temporary name and renamed when complete, so a killed run never leaves a file that looks finished.
