@@ -208,7 +208,7 @@ def build_bench(ns: argparse.Namespace, setup: Setup, rng: random.Random) -> Ben
     from evaluation.index import DocIndex
     from evaluation.retrievers import DenseRetriever, OneGenRetriever, TwoPassRetriever
     from evaluation.runtime import default_device
-    from pipeline.encode import encode_documents
+    from onegen.hidden import encode_documents
 
     if ns.threads:
         torch.set_num_threads(ns.threads)

@@ -41,6 +41,7 @@ import numpy as np
 from data_prep.records import Document
 from onegen.errors import ConfigError
 from onegen.manifest import sha256_json
+from onegen.retrieval_text import doc_text
 
 _DENSE_ROUND = 1e-4
 
@@ -96,11 +97,6 @@ class MiningQuery:
 class Negative:
     doc_id: str
     source: str  # "bm25", "dense:<fp12>" or "given"
-
-
-def doc_text(doc: Document) -> str:
-    """The text both BM25 and the dense encoder see for a document."""
-    return f"{doc.title}\n{doc.text}".strip()
 
 
 def _rng(seed: int, key: str, source: str) -> np.random.Generator:

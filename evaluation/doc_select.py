@@ -63,7 +63,7 @@ def encode_into(emb: np.ndarray, runtime: Any, docs: Any, positions: Sequence[in
     all of them sorted by token count, then batched (little padding), read in chunks of 16 batches."""
     import torch
 
-    from pipeline.encode import encode_documents
+    from onegen.hidden import encode_documents
 
     row_of = {p: i for i, p in enumerate(positions)}
     lengths = doc_lengths(docs, positions)

@@ -1,7 +1,7 @@
 """The document index: every document's RET-token vector, produced by the checkpoint itself.
 
 ``build_index`` encodes each row of a prepared dataset's ``docs/`` (its final ``[RD]``/``[SE]``
-state, L2-normalised, via ``pipeline.encode`` — the vectors training used) and writes::
+state, L2-normalised, via ``onegen.hidden`` — the vectors training used) and writes::
 
     INDEX_DIR/embeddings.npy   float32 [N, d] (row i = doc_ids[i])
               doc_ids.json     [N] doc ids

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_prep.mining import doc_text
 from data_prep.records import Document
 from evaluation.index import DocIndex, Hits
 from onegen.devices import default_device
 from onegen.errors import ConfigError
-from pipeline.forward import decoder_of
+from onegen.hidden import decoder_of
+from onegen.retrieval_text import doc_text
 
 RETRIEVERS = ("onegen", "two_pass", "bm25", "dense", "none")
 

@@ -1,6 +1,6 @@
 """A loaded checkpoint ready for inference: model, tokenizer, tagger, special-token ids, documents.
 
-Everything evaluation needs from a model export (``pipeline.export``) and a prepared dataset
+Everything evaluation needs from a model export (``pipeline.export`` writes it, ``onegen.model_io`` loads it) and a prepared dataset
 (``data_prep``), loaded once and checked against each other: the dataset must have been tokenised
 with the model's tokenizer and must use the same special-token ids, else ``ManifestMismatch``.
 
@@ -25,10 +25,10 @@ from evaluation.precision import Precision, dtype_name, resolve_precision
 from onegen.config import from_dict
 from onegen.devices import default_device  # noqa: F401 (re-exported: bench and older callers import it from here)
 from onegen.errors import ManifestMismatch
+from onegen.hidden import decoder_of
+from onegen.model_io import load_model
 from onegen.prepared import PreparedData
 from onegen.tokens import SpecialTokens
-from pipeline.export import load_model
-from pipeline.forward import decoder_of
 
 
 def check_compatible(model_dir: str | Path, data: PreparedData) -> None:

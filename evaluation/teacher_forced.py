@@ -1,7 +1,7 @@
 """Teacher-forced Recall@1 per hop, against the same document index inference uses.
 
 Each gold query row (gold paragraphs of earlier hops in its context) is run once in full; the state
-at each RET position (``pipeline.encode.query_vectors``, the trainer's own code) is searched in the
+at each RET position (``onegen.hidden.query_vectors``, the trainer's own code) is searched in the
 index — restricted to the row's candidates in the distractor setting, the whole index otherwise (and
 always for entity linking, whose rows have no candidates). Hop j is a hit iff its top-1 is the
 row's ``positives[j]``. Compare with ``hop_recall_at_1`` of free generation
@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from evaluation.index import DocIndex
 from evaluation.runtime import Runtime
 from onegen.errors import ConfigError
-from pipeline.encode import query_vectors
+from onegen.hidden import query_vectors
 
 
 def teacher_forced_recall(rt: Runtime, index: DocIndex, *, setting: Literal["distractor", "open"] = "distractor",

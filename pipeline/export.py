@@ -1,6 +1,7 @@
 """Export an HF-loadable model: safetensors weights, the tokenizer with the special tokens, the
 OneGen config, and a manifest — what ``transformers.AutoModelForCausalLM.from_pretrained`` and the
-evaluation stage load. Under ZeRO-3 the full weights are first gathered from every rank."""
+evaluation stage load (``onegen.model_io.load_model``, re-exported here). Under ZeRO-3 the full
+weights are first gathered from every rank."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from onegen.manifest import ONEGEN_CONFIG, fingerprint_files, write_manifest
+from onegen.model_io import load_model
+
+__all__ = ["export_model", "load_model"]
 
 
 def export_model(engine, model, tokenizer, out_dir: Path, *, cfg, tokens, data, tokenizer_fp: str, step: int,
@@ -55,20 +58,3 @@ def export_model(engine, model, tokenizer, out_dir: Path, *, cfg, tokens, data, 
     if dist.is_initialized():
         dist.barrier()
     return out_dir
-
-
-def load_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               attn_implementation: str | None = None):
-    """The exported model and its tokenizer, loaded with plain transformers (no pickle: safetensors).
-
-    ``attn_implementation``: ``sdpa`` / ``eager`` / ``flash_attention_2`` (decide it with
-    ``onegen.devices.choose_attention``); None = transformers' default (sdpa where the model has it).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, local_files_only=True,
-                                                 trust_remote_code=False, use_safetensors=True, **attn).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    model.eval()
-    return model, tokenizer

@@ -21,28 +21,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import onegen.distributed as collectives
+from onegen.hidden import decoder_of, last_hidden
 from pipeline.collator import Batch
 from pipeline.loss import JointLossConfig, bpr_loss, gen_loss_sum, infonce_logits, top1_hits, upcast
-
-
-def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
-    """The base transformer (hidden states without the LM head) of a HF causal LM."""
-    get = getattr(model, "get_decoder", None)
-    if callable(get):
-        try:
-            dec = get()
-        except (AttributeError, NotImplementedError):
-            dec = None
-        if dec is not None and dec is not model:
-            return dec
-    base = getattr(model, "base_model", None)
-    if base is None or base is model:
-        raise TypeError(f"cannot find the base transformer of {type(model).__name__}")
-    return base
-
-
-def last_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
 def _gather_docs(

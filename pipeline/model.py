@@ -172,7 +172,7 @@ def freeze_below(model: torch.nn.Module, train_layers: int) -> int:
     (the new tokens' rows included); untied, the input embedding is frozen. Returns the number of
     frozen blocks.
     """
-    from pipeline.forward import decoder_of
+    from onegen.hidden import decoder_of
 
     layers = getattr(decoder_of(model), "layers", None)
     if layers is None:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from onegen.hidden import encode_documents, query_vectors
 from onegen.prepared import PreparedData
-from pipeline.encode import encode_documents, query_vectors
 
 
 @torch.no_grad()

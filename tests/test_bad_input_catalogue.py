@@ -696,12 +696,12 @@ def test_trust_remote_code_is_off_by_default():
                      (isinstance(v, ast.Name) and v.id == "trust_remote_code") or \
                      (isinstance(v, ast.Attribute) and v.attr == "trust_remote_code")
                 assert ok, f"{path}:{call.lineno}: trust_remote_code={ast.unparse(v)}"
-            if name == "from_pretrained" and (path.parent.name == "evaluation" or path.name in ("export.py", "encoders.py")):
+            if name == "from_pretrained" and (path.parent.name == "evaluation" or path.name in ("model_io.py", "encoders.py")):
                 loaders += 1
                 kw = {k.arg: k.value for k in call.keywords}
                 assert "trust_remote_code" not in kw or (isinstance(kw["trust_remote_code"], ast.Constant)
                                                          and kw["trust_remote_code"].value is False), f"{path}:{call.lineno}"
-    assert loaders >= 3  # export.load_model (model + tokenizer) and the MiniLM encoder
+    assert loaders >= 3  # model_io.load_model (model + tokenizer) and the MiniLM encoder
 
 
 MLFLOW_CMD = re.compile(r"\bmlflow\s+(ui|server)\b[^\n`\"')]*")

@@ -17,8 +17,8 @@ from evaluation.runtime import load_runtime, row_groups
 from evaluation.scoring import summarize_rag
 from evaluation.teacher_forced import teacher_forced_recall
 from onegen.errors import ConfigError, ManifestMismatch
-from pipeline.data import open_prepared
-from pipeline.encode import hidden_at
+from onegen.hidden import hidden_at
+from onegen.prepared import open_prepared
 from tests.eval_fixtures import decoder_call_counter, random_model, trained_model, world  # noqa: F401
 
 

@@ -122,7 +122,7 @@ def test_index_of_trained_checkpoint(trained_model, world, tmp_path):  # noqa: F
 
 
 def test_documents_are_encoded_shortest_first_and_kept_in_docs_order(random_model, world, tmp_path, monkeypatch):  # noqa: F811
-    import pipeline.encode as enc
+    import onegen.hidden as enc
 
     seen: list[list[int]] = []
     real = enc.encode_documents
@@ -142,7 +142,7 @@ def test_documents_are_encoded_shortest_first_and_kept_in_docs_order(random_mode
     idx = open_index(out, random_model)
     assert idx.doc_ids == list(data.docs["doc_id"])
     from evaluation.runtime import load_runtime
-    from pipeline.encode import hidden_at
+    from onegen.hidden import hidden_at
 
     rt = load_runtime(random_model, data, device="cpu")
     for i in (0, 7, len(idx) - 1):

@@ -14,8 +14,8 @@ from evaluation.index import build_index, open_index
 from evaluation.linking import LinkConfig, link_row, run_linking, summarize_linking
 from evaluation.metrics import el_scores
 from evaluation.runtime import load_runtime, tagger_for
-from pipeline.data import open_prepared
-from pipeline.encode import hidden_at
+from onegen.hidden import hidden_at
+from onegen.prepared import open_prepared
 from tests.eval_fixtures import decoder_call_counter, random_model, trained_model, world  # noqa: F401
 
 TEXT = "Laves met Laves in Roneria. Then Letaso left Laves."

@@ -89,7 +89,7 @@ def test_load_runtime_dtype_and_attention(random_model):  # noqa: F811
 
 
 def test_export_load_model_defaults_unchanged(random_model):  # noqa: F811
-    from pipeline.export import load_model
+    from onegen.model_io import load_model
 
     model, _ = load_model(random_model)
     assert next(model.parameters()).dtype == torch.float32 and model.config._attn_implementation == "sdpa"

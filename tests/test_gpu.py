@@ -76,7 +76,7 @@ def test_flash_and_sdpa_give_the_same_states_at_ret_positions(world, arch):  # n
     from onegen.tokens import SpecialTokens
     from pipeline.config import ModelConfig
     from pipeline.data import open_prepared
-    from pipeline.encode import encode_documents, query_vectors
+    from onegen.hidden import encode_documents, query_vectors
     from pipeline.model import build_model
 
     _assert_flash_loads()

@@ -6,8 +6,8 @@ import pytest
 import torch
 import transformers
 
+from onegen.hidden import decoder_of
 from pipeline.config import TrainConfig
-from pipeline.forward import decoder_of
 from pipeline.model import freeze_below
 
 

@@ -1,7 +1,10 @@
-"""Embeddings from the model itself: the last-layer hidden state at RET positions, L2-normalised.
+"""The model's own hidden states: the base transformer of a causal LM, and embeddings at RET positions.
 
-Shared by the trainer's periodic evaluation and by ``evaluation`` (index building, teacher-forced
-Recall@1), so training and inference compute vectors in exactly one way.
+``decoder_of`` / ``last_hidden`` are how the trainer's loss (``pipeline.forward``) and evaluation read a
+model's last-layer states; ``hidden_at`` / ``encode_documents`` / ``query_vectors`` give the
+L2-normalised states at RET positions, shared by the trainer's periodic evaluation and by
+``evaluation`` (index building, teacher-forced Recall@1), so training and inference compute vectors in
+exactly one way.
 """
 
 from __future__ import annotations
@@ -13,7 +16,26 @@ import torch
 import torch.nn.functional as F
 
 from onegen.roles import RET
-from pipeline.forward import decoder_of
+
+
+def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The base transformer (hidden states without the LM head) of a HF causal LM."""
+    get = getattr(model, "get_decoder", None)
+    if callable(get):
+        try:
+            dec = get()
+        except (AttributeError, NotImplementedError):
+            dec = None
+        if dec is not None and dec is not model:
+            return dec
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        raise TypeError(f"cannot find the base transformer of {type(model).__name__}")
+    return base
+
+
+def last_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
 def _pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
