@@ -11,11 +11,7 @@ Commands:
             store) from their tracking.json: the same run, linked to its training run
 
 Methods (RAG; the task is read from the prepared dataset's manifest):
-  onegen           one pass: the model's own state at [RQ] is the query (no re-encoding)
-  two-pass         the same model re-encodes prompt + generation up to [RQ] in a second forward
-  pipeline-bm25    a separate BM25 retriever over question + generation so far, same generator
-  pipeline-minilm  a separate dense retriever (all-MiniLM-L6-v2), same generator
-  no-retrieval     an empty paragraph is inserted at every [RQ]
+{methods}
 Entity-linking datasets are evaluated with --method onegen only ([LK] states vs the [SE] index).
 
 Metrics: EM/F1 (HotpotQA normalisation; --normalization official: the official script exactly);
@@ -62,10 +58,10 @@ from pathlib import Path
 
 from onegen.environment import apply_offline_defaults
 from onegen.errors import ConfigError, OneGenError
+from onegen.methods import METHOD_NAMES, help_lines
 from onegen.mlflow_tags import (EVAL_STAGE, TAG_LOGGED_LATER, TAG_REPLACED_BY, TAG_RESULTS_ID, TAG_STAGE,
                                 TAG_TRAIN_RUN)
 
-METHOD_NAMES = ["onegen", "two-pass", "pipeline-bm25", "pipeline-minilm", "no-retrieval"]  # = run.METHODS
 # = "auto" + onegen.devices.DTYPES / ATTENTIONS (spelled out: `--help` does not import torch; a test checks)
 DTYPE_NAMES = ["auto", "fp32", "bf16", "fp16"]
 ATTN_NAMES = ["auto", "sdpa", "eager", "flash_attention_2"]
@@ -88,7 +84,8 @@ def _add_precision_args(p: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__, formatter_class=fmt, allow_abbrev=False)
+    p = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__.replace("{methods}", help_lines()),
+                                formatter_class=fmt, allow_abbrev=False)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{index,run,compare,log}")
 
     pi = sub.add_parser("index", help="build (or reuse) the checkpoint's document index of a prepared dataset",

@@ -24,6 +24,7 @@ from urllib.parse import unquote, urlparse
 
 from onegen.bootstrap import CI, RESAMPLES, SEED, bootstrap_ci, question_values
 from onegen.errors import ConfigError
+from onegen.methods import METHOD_NAMES
 from onegen.mlflow_tags import (EVAL_STAGE, TAG_DATASET, TAG_METHOD, TAG_MODE, TAG_MODEL, TAG_SETTING, TAG_STAGE, TAG_TASK,
                                 TAG_TRAIN_RUN)
 
@@ -44,7 +45,7 @@ COLUMNS = [
     ("s/q", "metric:s_per_question"),
 ]
 BAR_METRICS = ["EM", "F1", "R@1 free", "R@1 TF", "EL F1"]
-METHOD_ORDER = ["onegen", "two-pass", "pipeline-bm25", "pipeline-minilm", "no-retrieval"]
+METHOD_ORDER = METHOD_NAMES  # onegen.methods: OneGen, its two-pass variant, the pipelines, no retrieval
 # table column -> its per-question score in predictions.jsonl (the mean of which is the headline value)
 CI_KEYS = {"EM": "em", "F1": "f1", "R@1 free": "hop_recall_at_1"}
 # the figure's panels: (table column, panel title)

@@ -14,6 +14,8 @@ import textwrap
 from pathlib import Path
 from typing import Sequence
 
+from onegen.methods import METHODS
+
 
 def _plt():
     import matplotlib
@@ -76,9 +78,8 @@ def score_histogram(hit_scores: Sequence[float], miss_scores: Sequence[float], p
 
 
 # One colour per method, the same in every panel (OneGen blue, its two-pass variant lighter, the
-# separate-retriever pipelines warm, no retrieval grey).
-METHOD_COLORS = {"onegen": "#3B6FB6", "two-pass": "#8DB0DD", "pipeline-bm25": "#D9822B", "pipeline-minilm": "#B5462F",
-                 "no-retrieval": "#8C8C8C"}
+# separate-retriever pipelines warm, no retrieval grey): onegen.methods.
+METHOD_COLORS = {m.name: m.color for m in METHODS.values()}
 
 
 def _value_text(v: float, unit: str) -> str:

@@ -43,14 +43,11 @@ from typing import Any, Callable
 
 from evaluation.index_reuse import check_given_index, ensure_index
 from onegen.errors import ConfigError
+from onegen.methods import METHODS
 from onegen.mlflow_tags import (EVAL_STAGE, TAG_DATASET, TAG_METHOD, TAG_MODE, TAG_MODEL, TAG_RESULTS_ID, TAG_SETTING,
                                 TAG_STAGE, TAG_TASK, TAG_TRAIN_RUN, TAG_TRAIN_STORE)
 from onegen.runlock import DirLock
 
-# CLI name -> evaluation.retrievers name
-METHODS = {"onegen": "onegen", "two-pass": "two_pass", "pipeline-bm25": "bm25", "pipeline-minilm": "dense",
-           "no-retrieval": "none"}
-INDEX_METHODS = ("onegen", "two-pass")
 NORMALIZATIONS = ("default", "official")  # = evaluation.metrics.NORMALIZATIONS (a test checks)
 
 
@@ -201,7 +198,7 @@ def run_eval(req: EvalRequest, log: Callable[[str], None] = print) -> EvalOutcom
     _check_request(req, task, data_dir)
     prec = resolve_precision(req.device, req.dtype, req.attn).record()  # flash + fp32 is refused here
     log(f"precision: {prec['dtype']}, attention {prec['attn']} ({prec['attn_reason']}), on {prec['device']}")
-    needs_index = req.method in INDEX_METHODS or task == "el"
+    needs_index = METHODS[req.method].own_index or task == "el"
     if task == "el" and req.setting != "open":
         req.setting = "open"  # EL rows have no candidate lists: each [LK] searches the whole entity index
     index_dir = Path(req.index) if req.index is not None else None
@@ -292,13 +289,13 @@ def _run(req: EvalRequest, out: Path, task: str, dman: dict, mman: dict, ocfg: d
     rt, data, idx, params = _load(req, out, task, ocfg, index_dir, needs_index, log)
     n = len(data) if req.max_examples is None else min(req.max_examples, len(data))
     params["n_examples"] = n
-    part = rag_part(req, rt, idx, METHODS[req.method], n) if task == "rag" else el_part(req, rt, idx, n)
+    part = rag_part(req, rt, idx, METHODS[req.method].retriever, n) if task == "rag" else el_part(req, rt, idx, n)
     params.update(part.params)
     head = part.head
     head.update({"tokens_per_s": part.tokens / part.gen_s if part.gen_s > 0 else None,
                  "s_per_question": part.gen_s / max(part.n_results, 1), "n": part.n_results,
                  "generated_tokens": part.tokens})
-    metrics = {"task": task, "method": req.method, "retriever": METHODS[req.method], "setting": req.setting,
+    metrics = {"task": task, "method": req.method, "retriever": METHODS[req.method].retriever, "setting": req.setting,
                "normalization": req.normalization, "index_subset": idx.manifest.get("subset") if idx is not None else None,
                "dataset": Path(req.data).resolve().name, "model": str(Path(req.model).resolve()),
                "checkpoint_mode": ocfg.get("mode"), "headline": head, **part.details,

@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from onegen.environment import apply_offline_defaults
+from onegen.methods import METHOD_NAMES, METHODS
 from onegen.mlflow_tags import TAG_DATASET, TAG_METHOD
 from onegen.quickstart_summary import write_summary
 from onegen.stages import ROOT, Stage, run_stages, torchrun
@@ -36,15 +37,10 @@ Method = tuple[str, str, str]
 # The baselines share OneGen's trained generator, so a row differs from OneGen's in its retriever only
 # (the paper's Table 3 setting): two-pass re-encodes the query with the same model, the pipelines
 # search with BM25 / MiniLM, no-retrieval inserts an empty paragraph at every [RQ].
-SAME_GENERATOR: list[Method] = [
-    ("onegen", "onegen", "onegen"),
-    ("two-pass", "onegen", "two-pass"),
-    ("pipeline-bm25", "onegen", "pipeline-bm25"),
-    ("pipeline-minilm", "onegen", "pipeline-minilm"),
-    ("no-retrieval", "onegen", "no-retrieval"),
-]
-# The tiny preset's baselines pair the retrievers with a generator trained without a retrieval loss (git).
-GIT_GENERATOR: list[Method] = SAME_GENERATOR[:2] + [(label, "git", method) for label, _, method in SAME_GENERATOR[2:]]
+SAME_GENERATOR: list[Method] = [(name, "onegen", name) for name in METHOD_NAMES]
+# The tiny preset's baselines pair the retrievers with a generator trained without a retrieval loss (git);
+# the methods that search the checkpoint's own index (onegen, two-pass) keep the OneGen checkpoint.
+GIT_GENERATOR: list[Method] = [(name, "onegen" if METHODS[name].own_index else "git", name) for name in METHOD_NAMES]
 
 
 @dataclass

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from onegen.bootstrap import bootstrap_ci
+from onegen.methods import METHODS
 
-RETRIEVER = {"onegen": "its own [RQ] state (one pass)", "two-pass": "the same model, query re-encoded",
-             "pipeline-bm25": "BM25", "pipeline-minilm": "all-MiniLM-L6-v2", "no-retrieval": "none (empty paragraph)"}
+RETRIEVER = {m.name: m.retrieves_with for m in METHODS.values()}
 KEYS = [("em", "EM"), ("f1", "F1"), ("recall_at_1_free", "Recall@1 (free)"),
         ("recall_at_1_tf", "Recall@1 (teacher-forced)"), ("s_per_question", "s / question")]
 WITH_CI = {"em": "em", "recall_at_1_free": "hop_recall_at_1"}  # headline key -> per-question score

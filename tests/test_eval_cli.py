@@ -82,6 +82,21 @@ def test_help_explains_commands_and_methods():
     assert p.returncode == 0 and "--tracking-uri" in p.stdout and "--setting" in p.stdout and "--max-examples" in p.stdout
 
 
+def test_method_registry_is_the_one_list():
+    """``onegen.methods`` names the methods once: each builds a retriever evaluation has, and the CLI,
+    ``compare``'s order and the quickstart's rows are read from it."""
+    from evaluation import cli, compare
+    from evaluation.retrievers import RETRIEVERS
+    from onegen.methods import METHODS as REGISTRY
+    from onegen.quickstart import GIT_GENERATOR, SAME_GENERATOR
+
+    assert list(REGISTRY) == METHODS == cli.METHOD_NAMES == compare.METHOD_ORDER
+    assert {m.retriever for m in REGISTRY.values()} == set(RETRIEVERS)
+    assert [n for n, m in REGISTRY.items() if m.own_index] == ["onegen", "two-pass"]
+    assert [label for label, _, _ in SAME_GENERATOR] == METHODS
+    assert [ckpt for _, ckpt, _ in GIT_GENERATOR] == ["onegen", "onegen", "git", "git", "git"]
+
+
 def test_index_is_reused_when_complete(env, runs, capsys):
     idx = env["base"] / "index"
     man = json.loads((idx / "manifest.json").read_text())
