@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from onegen.padding import pad_rows
 from onegen.roles import RET
 
 
@@ -38,16 +39,6 @@ def last_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
-def _pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.as_tensor(np.asarray(r, dtype=np.int64))
-        mask[i, : len(r)] = 1
-    return ids.to(device), mask.to(device)
-
-
 @torch.no_grad()
 def hidden_at(model: torch.nn.Module, rows: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
               pad_id: int, batch_size: int = 32) -> list[np.ndarray]:
@@ -58,7 +49,8 @@ def hidden_at(model: torch.nn.Module, rows: Sequence[Sequence[int]], positions: 
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths together: less padding
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        ids, mask = _pad([rows[i] for i in idx], pad_id, device)
+        ids, mask = pad_rows([rows[i] for i in idx], pad_id)
+        ids, mask = ids.to(device), mask.to(device)
         h = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         for j, i in enumerate(idx):
             pos = torch.as_tensor(list(positions[i]), dtype=torch.long, device=h.device)

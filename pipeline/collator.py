@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from onegen.padding import pad_rows
 from onegen.roles import IGNORE_INDEX, RET, next_token_targets
 from pipeline.loss import MODES
 from pipeline.negatives import pick_negatives
@@ -107,23 +108,6 @@ class Batch:
         return Batch(**kw)
 
 
-def _pad(rows: Sequence[np.ndarray], pad_value: int, multiple: int | None) -> torch.Tensor:
-    length = max((len(r) for r in rows), default=0)
-    if multiple and length % multiple:
-        length += multiple - length % multiple
-    out = torch.full((len(rows), length), pad_value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.as_tensor(np.asarray(r, dtype=np.int64))
-    return out
-
-
-def _attention(rows: Sequence[np.ndarray], width: int) -> torch.Tensor:
-    m = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        m[i, : len(r)] = 1
-    return m
-
-
 class OneGenCollator:
     """``collator(query_rows, epoch) -> Batch``; ``docs_lookup(doc_ids)`` returns prepared doc rows in order."""
 
@@ -160,9 +144,9 @@ class OneGenCollator:
         doc_ids, rets = self._choose_docs(rets)
         doc_tok = self._doc_tokens(doc_ids)
 
-        input_ids = _pad(ids, self.pad_id, cfg.pad_to_multiple_of)
-        gen_targets = _pad(targets, IGNORE_INDEX, cfg.pad_to_multiple_of)
-        doc_input_ids = _pad(doc_tok, self.pad_id, cfg.pad_to_multiple_of)
+        input_ids, attention_mask = pad_rows(ids, self.pad_id, cfg.pad_to_multiple_of)
+        gen_targets, _ = pad_rows(targets, IGNORE_INDEX, cfg.pad_to_multiple_of)
+        doc_input_ids, doc_attention_mask = pad_rows(doc_tok, self.pad_id, cfg.pad_to_multiple_of)
 
         index = {d: i for i, d in enumerate(doc_ids)}
         k = max((len(n) for *_, n in rets), default=0)
@@ -173,7 +157,7 @@ class OneGenCollator:
         return Batch(
             mode=cfg.mode,
             input_ids=input_ids,
-            attention_mask=_attention(ids, input_ids.shape[1]),
+            attention_mask=attention_mask,
             gen_targets=gen_targets,
             q_ret_row=torch.tensor([r[0] for r in rets], dtype=torch.long),
             q_ret_pos=torch.tensor([r[1] for r in rets], dtype=torch.long),
@@ -182,7 +166,7 @@ class OneGenCollator:
             q_neg_mask=q_neg_doc >= 0,
             q_pos_hash=torch.tensor([doc_id_hash(r[2]) for r in rets], dtype=torch.long),
             doc_input_ids=doc_input_ids,
-            doc_attention_mask=_attention(doc_tok, doc_input_ids.shape[1]),
+            doc_attention_mask=doc_attention_mask,
             doc_ret_pos=torch.tensor([len(t) - 1 for t in doc_tok], dtype=torch.long),
             doc_hash=torch.tensor([doc_id_hash(d) for d in doc_ids], dtype=torch.long),
             doc_ids=doc_ids,
