@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import onegen.distributed as collectives
 from onegen.hidden import decoder_of, last_hidden
 from pipeline.collator import Batch
-from pipeline.loss import JointLossConfig, bpr_loss, gen_loss_sum, infonce_logits, top1_hits, upcast
+from pipeline.loss import JointLossConfig, bpr_loss, gen_loss_sum, infonce_logits, infonce_loss, top1_hits, upcast
 
 
 def _gather_docs(
@@ -84,12 +84,9 @@ def _retrieval_sum(
             cand, cand_hash, offset = _gather_docs(d, batch.doc_hash, world_size, group)
         else:
             cand, cand_hash, offset = d, batch.doc_hash, 0
-        pos_idx = batch.q_pos_doc + offset
-        logits = infonce_logits(q, pos_idx, cand, cand_hash, batch.q_pos_hash, cfg.temperature)
-        ret_sum = F.cross_entropy(logits, pos_idx, reduction="sum") if q.shape[0] else keep
-        with torch.no_grad():
-            hits = top1_hits(logits, pos_idx)
-        return ret_sum + cand.sum() * 0.0 + keep, n_q, hits, n_q
+        ret_sum, n_ret, hits = infonce_loss(q, batch.q_pos_doc + offset, cand, cand_hash, batch.q_pos_hash,
+                                            cfg.temperature)
+        return ret_sum + cand.sum() * 0.0 + keep, n_ret, hits, n_ret
     ret_sum, n_ret = bpr_loss(q, d[batch.q_pos_doc], d[batch.q_neg_doc.clamp(min=0)], batch.q_neg_mask)
     with torch.no_grad():
         logits = infonce_logits(q, batch.q_pos_doc, d, batch.doc_hash, batch.q_pos_hash, 1.0)

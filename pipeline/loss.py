@@ -137,17 +137,20 @@ def infonce_loss(
     cand_ids: torch.Tensor,
     q_pos_ids: torch.Tensor,
     temperature: float = 0.02,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """InfoNCE over every candidate doc vector of the (global) batch; returns (summed CE, N).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """InfoNCE over every candidate doc vector of the (global) batch; returns (summed CE, N, top-1 hits).
 
     ``q``: ``[N, H]`` query vectors; ``pos_idx``: ``[N]`` index of each query's own positive in
     ``cand`` (``[M, H]``); ``cand_ids``: ``[M]`` int64 doc-id hashes; ``q_pos_ids``: ``[N]`` the
-    hash of each query's positive. Masking: see :func:`candidate_mask`.
+    hash of each query's positive. Masking: see :func:`candidate_mask`. The hits (:func:`top1_hits`,
+    no gradient) are the queries whose positive beats every candidate, from the same logits.
     """
     logits = infonce_logits(q, pos_idx, cand, cand_ids, q_pos_ids, temperature)
+    with torch.no_grad():
+        hits = top1_hits(logits, pos_idx)
     if q.shape[0] == 0:
-        return logits.sum() * 0.0 + cand.sum() * 0.0, torch.zeros((), dtype=torch.long, device=q.device)
-    return F.cross_entropy(logits, pos_idx, reduction="sum"), torch.tensor(q.shape[0], device=q.device)
+        return logits.sum() * 0.0 + cand.sum() * 0.0, torch.zeros((), dtype=torch.long, device=q.device), hits
+    return F.cross_entropy(logits, pos_idx, reduction="sum"), torch.tensor(q.shape[0], device=q.device), hits
 
 
 def top1_hits(logits: torch.Tensor, pos_idx: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ def test_bpr_mean_over_negatives_summed_over_queries():
     mask = torch.tensor([[True, True], [True, False], [False, False]])
     total, count = bpr_loss(q, pos, neg, mask)
     expected = (nls(0.6 - 0.0) + nls(0.6 + 1.0)) / 2 + nls(1.0 - 0.0)
-    assert count.item() == 2
+    assert count.item() == 2 and hits.item() == 2
     assert total.item() == pytest.approx(expected, rel=1e-12)
 
 
@@ -67,11 +67,11 @@ def test_infonce_known_value():
     tau = 0.5
     q = t([[1.0, 0.0], [0.0, 1.0]])
     cand = t([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])  # ids A, B, C
-    total, count = infonce_loss(q, torch.tensor([0, 1]), cand, torch.tensor([A, B, C]), torch.tensor([A, B]), tau)
+    total, count, hits = infonce_loss(q, torch.tensor([0, 1]), cand, torch.tensor([A, B, C]), torch.tensor([A, B]), tau)
     e = math.exp
     q0 = -math.log(e(1 / tau) / (e(1 / tau) + e(0) + e(-1 / tau)))
     q1 = -math.log(e(1 / tau) / (e(0) + e(1 / tau) + e(0)))
-    assert count.item() == 2
+    assert count.item() == 2 and hits.item() == 2
     assert total.item() == pytest.approx(q0 + q1, rel=1e-12)
 
 
@@ -82,10 +82,10 @@ def test_infonce_false_negative_masking_changes_value_exactly():
     pos_idx = torch.tensor([0])
     e = math.exp
     # Third candidate is another doc: it is a negative.
-    unmasked, _ = infonce_loss(q, pos_idx, cand, torch.tensor([A, B, D]), torch.tensor([A]), tau)
+    unmasked, _, _ = infonce_loss(q, pos_idx, cand, torch.tensor([A, B, D]), torch.tensor([A]), tau)
     assert unmasked.item() == pytest.approx(-math.log(e(2) / (e(2) + e(0) + e(1.6))), rel=1e-12)
     # Same id as the positive: a false negative, dropped from the denominator.
-    masked, _ = infonce_loss(q, pos_idx, cand, torch.tensor([A, B, A]), torch.tensor([A]), tau)
+    masked, _, _ = infonce_loss(q, pos_idx, cand, torch.tensor([A, B, A]), torch.tensor([A]), tau)
     assert masked.item() == pytest.approx(-math.log(e(2) / (e(2) + e(0))), rel=1e-12)
     assert unmasked.item() - masked.item() == pytest.approx(math.log((e(2) + e(0) + e(1.6)) / (e(2) + e(0))), rel=1e-12)
 
@@ -95,7 +95,7 @@ def test_infonce_positive_copy_that_is_not_first_still_counts():
     tau = 0.5
     q = t([[1.0, 0.0]])
     cand = t([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
-    got, _ = infonce_loss(q, torch.tensor([2]), cand, torch.tensor([A, B, A]), torch.tensor([A]), tau)
+    got, _, _ = infonce_loss(q, torch.tensor([2]), cand, torch.tensor([A, B, A]), torch.tensor([A]), tau)
     e = math.exp
     assert got.item() == pytest.approx(-math.log(e(2) / (e(2) + e(0))), rel=1e-12)
 
@@ -104,8 +104,8 @@ def test_infonce_duplicate_negative_counted_once():
     tau = 0.5
     q = t([[1.0, 0.0]])
     cand = t([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])  # B held by two ranks
-    dup, _ = infonce_loss(q, torch.tensor([0]), cand, torch.tensor([A, B, B]), torch.tensor([A]), tau)
-    once, _ = infonce_loss(q, torch.tensor([0]), cand[:2], torch.tensor([A, B]), torch.tensor([A]), tau)
+    dup, _, _ = infonce_loss(q, torch.tensor([0]), cand, torch.tensor([A, B, B]), torch.tensor([A]), tau)
+    once, _, _ = infonce_loss(q, torch.tensor([0]), cand[:2], torch.tensor([A, B]), torch.tensor([A]), tau)
     assert dup.item() == pytest.approx(once.item(), rel=1e-12)
     m = candidate_mask(torch.tensor([0]), torch.tensor([A, B, B]), torch.tensor([A]))
     assert m.tolist() == [[True, True, False]]
@@ -117,7 +117,7 @@ def test_infonce_gradient_matches_autograd_of_reference_formula():
     cand = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     ids = torch.tensor([1, 2, 3, 4, 5, 6])
     pos_idx = torch.tensor([0, 2, 5])
-    got, _ = infonce_loss(q, pos_idx, cand, ids, ids[pos_idx], 0.1)
+    got, _, _ = infonce_loss(q, pos_idx, cand, ids, ids[pos_idx], 0.1)
     ref = F.cross_entropy(F.normalize(q, dim=-1) @ F.normalize(cand, dim=-1).T / 0.1, pos_idx, reduction="sum")
     assert got.item() == pytest.approx(ref.item(), rel=1e-12)
     g1 = torch.autograd.grad(got, (q, cand))
