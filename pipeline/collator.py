@@ -30,7 +30,7 @@ import torch
 
 from onegen.padding import pad_rows
 from onegen.roles import IGNORE_INDEX, RET, next_token_targets
-from pipeline.loss import MODES
+from pipeline.config import MODES
 from pipeline.negatives import pick_negatives
 
 DocsLookup = Callable[[list[str]], list[dict[str, Any]]]

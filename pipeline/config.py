@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from onegen.config import FieldError
 
@@ -36,14 +36,42 @@ class DataConfig:
     eval_max_candidates: int = field(default=2000, metadata={"help": "entity linking: KB entries the periodic evaluation ranks against (the rows' positives + a seeded sample); a larger KB is sampled and the metric is then named retrieval_acc@N"})
 
 
+LossMode = Literal["onegen", "git", "rit", "grit"]
+RetLoss = Literal["bpr", "infonce"]
+MODES: tuple[str, ...] = get_args(LossMode)
+RET_LOSSES: tuple[str, ...] = get_args(RetLoss)
+
+
 @dataclass
 class LossConfig:
-    mode: Literal["onegen", "git", "rit", "grit"] = field(default="onegen", metadata={"help": "onegen: both in one sequence; git: generation only; rit: retrieval only; grit: both, never in one sequence"})
+    """The recipe's ``loss`` section, and what the joint loss itself takes (``pipeline.forward``): one class."""
+
+    mode: LossMode = field(default="onegen", metadata={"help": "onegen: both in one sequence; git: generation only; rit: retrieval only; grit: both, never in one sequence"})
     lambda_gen: float = field(default=1.0, metadata={"help": "weight of the generation loss"})
     lambda_ret: float = field(default=1.0, metadata={"help": "weight of the retrieval loss"})
-    ret_loss: Literal["bpr", "infonce"] = field(default="bpr", metadata={"help": "bpr (paper default) or infonce over the global batch"})
+    ret_loss: RetLoss = field(default="bpr", metadata={"help": "bpr (paper default) or infonce over the global batch"})
     temperature: float = field(default=0.02, metadata={"help": "InfoNCE temperature"})
     num_negatives: int = field(default=2, metadata={"help": "hard negatives sampled per RET token per epoch"})
+
+    def __post_init__(self) -> None:  # a recipe's types are checked on load; this also guards direct construction
+        if self.mode not in MODES:
+            raise FieldError("loss.mode", f"expected one of {list(MODES)}, got {self.mode!r}")
+        if self.ret_loss not in RET_LOSSES:
+            raise FieldError("loss.ret_loss", f"expected one of {list(RET_LOSSES)}, got {self.ret_loss!r}")
+        if self.temperature <= 0:
+            raise FieldError("loss.temperature", f"must be > 0, got {self.temperature}")
+
+    @property
+    def uses_gen(self) -> bool:
+        return self.mode != "rit"
+
+    @property
+    def uses_ret(self) -> bool:
+        return self.mode != "git"
+
+    def effective_lambdas(self) -> tuple[float, float]:
+        """(λg, λr) after the mode: git forces λr = 0, rit forces λg = 0."""
+        return (self.lambda_gen if self.uses_gen else 0.0, self.lambda_ret if self.uses_ret else 0.0)
 
 
 @dataclass

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 import onegen.distributed as collectives
 from onegen.hidden import decoder_of, last_hidden
 from pipeline.collator import Batch
-from pipeline.loss import JointLossConfig, bpr_loss, gen_loss_sum, infonce_logits, infonce_loss, top1_hits, upcast
+from pipeline.config import LossConfig
+from pipeline.loss import bpr_loss, gen_loss_sum, infonce_logits, infonce_loss, top1_hits, upcast
 
 
 def _gather_docs(
@@ -48,7 +49,7 @@ def _gather_docs(
     return cand, cand_hash, sum(sizes_l[:rank])
 
 
-def loss_counts(batch: Batch, cfg: JointLossConfig) -> tuple[int, int]:
+def loss_counts(batch: Batch, cfg: LossConfig) -> tuple[int, int]:
     """This rank's (GEN targets, RET vectors) that count in the loss's means, known before any forward.
 
     The trainer sums them over a step's micro-batches and all ranks, and passes the totals to
@@ -65,7 +66,7 @@ def loss_counts(batch: Batch, cfg: JointLossConfig) -> tuple[int, int]:
 
 
 def _retrieval_sum(
-    decoder: torch.nn.Module, hq: torch.Tensor, batch: Batch, cfg: JointLossConfig, world_size: int, group: Any
+    decoder: torch.nn.Module, hq: torch.Tensor, batch: Batch, cfg: LossConfig, world_size: int, group: Any
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed retrieval loss, its count, top-1 hits and the queries they were counted over."""
     if batch.num_docs:
@@ -97,7 +98,7 @@ def _retrieval_sum(
 def compute_joint_loss(
     model: torch.nn.Module,
     batch: Batch,
-    cfg: JointLossConfig,
+    cfg: LossConfig,
     *,
     world_size: int = 1,
     group: Any = None,
@@ -144,7 +145,7 @@ def compute_joint_loss(
     return loss, summarize(g, cfg)
 
 
-def summarize(g: dict[str, float], cfg: JointLossConfig) -> dict[str, float]:
+def summarize(g: dict[str, float], cfg: LossConfig) -> dict[str, float]:
     """Means from global sums and counts (the sums and counts are kept, for ``merge_stats``)."""
     lam_g, lam_r = cfg.effective_lambdas()
     mean_gen = g["gen_sum"] / max(g["n_gen"], 1.0)
@@ -153,7 +154,7 @@ def summarize(g: dict[str, float], cfg: JointLossConfig) -> dict[str, float]:
                 ret_acc=g["hits"] / g["n_acc"] if g["n_acc"] else 0.0, n_gen=int(g["n_gen"]), n_ret=int(g["n_ret"]))
 
 
-def merge_stats(parts: list[dict[str, float]], cfg: JointLossConfig) -> dict[str, float]:
+def merge_stats(parts: list[dict[str, float]], cfg: LossConfig) -> dict[str, float]:
     """One step's statistics from its micro-batches': the means over all their tokens, weighted as the
     loss is when it is normalised by the step's totals."""
     keys = ("gen_sum", "n_gen", "ret_sum", "n_ret", "hits", "n_acc")

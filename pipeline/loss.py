@@ -1,4 +1,5 @@
-"""The OneGen losses as pure torch functions (no DeepSpeed, no transformers).
+"""The OneGen losses as pure torch functions (no DeepSpeed, no transformers). Their config (mode,
+weights, retrieval loss, temperature) is the recipe's ``pipeline.config.LossConfig``.
 
 Every function returns ``(sum, count)`` rather than a mean: the caller divides by the *global*
 count over all data-parallel ranks, which is what makes N ranks give the gradients of one process
@@ -7,45 +8,12 @@ on the concatenated batch (see ``pipeline.forward``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from onegen.roles import IGNORE_INDEX
-
-MODES = ("onegen", "git", "rit", "grit")
-RET_LOSSES = ("bpr", "infonce")
-
-
-@dataclass
-class JointLossConfig:
-    mode: str = field(default="onegen", metadata={"help": "onegen | git (SFT only) | rit (retrieval only) | grit"})
-    lambda_gen: float = field(default=1.0, metadata={"help": "weight of the generation (CE) loss"})
-    lambda_ret: float = field(default=1.0, metadata={"help": "weight of the retrieval loss"})
-    ret_loss: str = field(default="bpr", metadata={"help": "bpr (paper default) | infonce"})
-    temperature: float = field(default=0.02, metadata={"help": "InfoNCE temperature"})
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode {self.mode!r} is not one of {MODES}")
-        if self.ret_loss not in RET_LOSSES:
-            raise ValueError(f"ret_loss {self.ret_loss!r} is not one of {RET_LOSSES}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-
-    @property
-    def uses_gen(self) -> bool:
-        return self.mode != "rit"
-
-    @property
-    def uses_ret(self) -> bool:
-        return self.mode != "git"
-
-    def effective_lambdas(self) -> tuple[float, float]:
-        """(λg, λr) after the mode: git forces λr = 0, rit forces λg = 0."""
-        return (self.lambda_gen if self.uses_gen else 0.0, self.lambda_ret if self.uses_ret else 0.0)
 
 
 def gen_loss_sum(

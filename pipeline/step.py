@@ -15,14 +15,14 @@ import torch
 
 import onegen.distributed as collectives
 from pipeline.collator import Batch
+from pipeline.config import LossConfig
 from pipeline.forward import loss_counts, merge_stats
-from pipeline.loss import JointLossConfig
 
 Collate = Callable[[int, int, list[int]], Batch]  # (epoch, dataset index, row indices) -> Batch
 
 
 def accumulate(engine: Any, stats_of: Callable[[], dict], units: Sequence[tuple[int, int, list[int]]],
-               collate: Collate, loss_cfg: JointLossConfig, device: torch.device) -> tuple[dict, float]:
+               collate: Collate, loss_cfg: LossConfig, device: torch.device) -> tuple[dict, float]:
     """Forward and backward every micro-batch of one step; returns (step statistics, global tokens).
 
     ``stats_of`` reads the statistics of the last forward (``OneGenTrainModule.last_stats``).

@@ -193,7 +193,6 @@ def _set_up(cfg: TrainConfig) -> Run:
     from pipeline import checkpoint as ckpt
     from pipeline.collator import CollatorConfig, OneGenCollator
     from pipeline.ds_config import fill_auto, load_ds_config, zero_stage
-    from pipeline.loss import JointLossConfig
     from pipeline.model import build_model, choose_dtype, model_config, model_hidden_size
     from pipeline.plan import BatchPlan, units_per_epoch
     from pipeline.wrapper import OneGenTrainModule
@@ -225,9 +224,7 @@ def _set_up(cfg: TrainConfig) -> Run:
     # build the model already partitioned (and HF weight init still runs, unlike a raw zero.Init()).
     hf_ds = HfDeepSpeedConfig(ds_cfg) if zero_stage(ds_cfg) == 3 else None
     model = build_model(cfg.model, tokenizer, seed=cfg.seed, init_new_tokens=tokens)
-    joint = JointLossConfig(mode=cfg.loss.mode, lambda_gen=cfg.loss.lambda_gen, lambda_ret=cfg.loss.lambda_ret,
-                            ret_loss=cfg.loss.ret_loss, temperature=cfg.loss.temperature)
-    wrapped = OneGenTrainModule(model, joint, world)
+    wrapped = OneGenTrainModule(model, cfg.loss, world)
     if rank == 0:
         print("[train] starting DeepSpeed (the first run on a machine builds a communication op, ~20 s)", flush=True)
     engine, _, _, _ = deepspeed.initialize(model=wrapped, model_parameters=[p for p in wrapped.parameters() if p.requires_grad],

@@ -8,12 +8,12 @@ from __future__ import annotations
 import torch
 
 from pipeline.collator import Batch
+from pipeline.config import LossConfig
 from pipeline.forward import compute_joint_loss
-from pipeline.loss import JointLossConfig
 
 
 class OneGenTrainModule(torch.nn.Module):
-    def __init__(self, lm: torch.nn.Module, loss_cfg: JointLossConfig, world_size: int):
+    def __init__(self, lm: torch.nn.Module, loss_cfg: LossConfig, world_size: int):
         super().__init__()
         self.lm = lm
         self.loss_cfg = loss_cfg

@@ -21,8 +21,8 @@ import transformers
 
 from onegen.roles import CTX, GEN, RET
 from pipeline.collator import CollatorConfig, OneGenCollator
+from pipeline.config import LossConfig
 from pipeline.forward import compute_joint_loss
-from pipeline.loss import JointLossConfig
 
 PAD, EOS, RQ, RD, P_OPEN, P_CLOSE = 0, 1, 290, 291, 292, 293
 RET_LOSSES = ("infonce", "bpr")
@@ -93,7 +93,7 @@ def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def run_step(model, rows, ret_loss, world_size=1):
     model.zero_grad(set_to_none=True)
-    loss, stats = compute_joint_loss(model, collate(rows), JointLossConfig(ret_loss=ret_loss), world_size=world_size)
+    loss, stats = compute_joint_loss(model, collate(rows), LossConfig(ret_loss=ret_loss), world_size=world_size)
     loss.backward()
     return stats
 
@@ -167,21 +167,21 @@ def test_modes_run_only_what_they_need():
     dec = CountingCalls(model.get_decoder())
 
     b = collate(ROWS, "git")
-    loss, stats = compute_joint_loss(model, b, JointLossConfig(mode="git"))
+    loss, stats = compute_joint_loss(model, b, LossConfig(mode="git"))
     assert len(dec.shapes) == 1 and head_calls == [(b.num_gen_targets(), 64)]  # no doc forward
     assert stats["n_ret"] == 0 and stats["loss_ret"] == 0 and stats["loss"] == pytest.approx(stats["loss_gen"])
     loss.backward()
 
     dec.shapes.clear(), head_calls.clear()
     b = collate(ROWS, "rit")
-    loss, stats = compute_joint_loss(model, b, JointLossConfig(mode="rit"))
+    loss, stats = compute_joint_loss(model, b, LossConfig(mode="rit"))
     assert head_calls == [] and len(dec.shapes) == 2  # lm_head never runs; query + doc forwards
     assert stats["n_gen"] == 0 and stats["n_ret"] == 5 and stats["loss"] == pytest.approx(stats["loss_ret"])
     loss.backward()
 
     dec.shapes.clear(), head_calls.clear()
     b = collate(ROWS, "grit")
-    loss, stats = compute_joint_loss(model, b, JointLossConfig(mode="grit", ret_loss="infonce"))
+    loss, stats = compute_joint_loss(model, b, LossConfig(mode="grit", ret_loss="infonce"))
     assert dec.shapes[1] == tuple(b.doc_input_ids.shape) and 0 <= stats["ret_acc"] <= 1
     assert stats["loss"] == pytest.approx(stats["loss_gen"] + stats["loss_ret"], rel=1e-6)
 
@@ -192,7 +192,7 @@ def test_onegen_loss_matches_hand_assembled_reference():
 
     model = tiny_llama()
     b = collate(ROWS)
-    loss, stats = compute_joint_loss(model, b, JointLossConfig(lambda_gen=0.7, lambda_ret=1.9))
+    loss, stats = compute_joint_loss(model, b, LossConfig(lambda_gen=0.7, lambda_ret=1.9))
     logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
     ce = F.cross_entropy(logits.flatten(0, 1), b.gen_targets.flatten(), ignore_index=-100)
     hq = model.model(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
@@ -217,7 +217,7 @@ def test_rank_without_retrieval_still_runs_a_doc_forward():
     no_ret = dict(ROWS[0], roles=[CTX if r == RET else r for r in ROWS[0]["roles"]], positives=[], negatives=[])
     b = collate([no_ret])
     assert b.num_docs == 0
-    loss, stats = compute_joint_loss(model, b, JointLossConfig(ret_loss="infonce"))
+    loss, stats = compute_joint_loss(model, b, LossConfig(ret_loss="infonce"))
     assert len(dec.shapes) == 2 and stats["n_ret"] == 0
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
