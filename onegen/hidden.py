@@ -51,7 +51,7 @@ def hidden_at(model: torch.nn.Module, rows: Sequence[Sequence[int]], positions: 
         idx = order[start:start + batch_size]
         ids, mask = pad_rows([rows[i] for i in idx], pad_id)
         ids, mask = ids.to(device), mask.to(device)
-        h = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        h = last_hidden(decoder, ids, mask)
         for j, i in enumerate(idx):
             pos = torch.as_tensor(list(positions[i]), dtype=torch.long, device=h.device)
             out[i] = F.normalize(h[j, pos].float(), dim=-1).cpu().numpy()
