@@ -40,7 +40,8 @@ def hop_queries(tokenizer, row: dict) -> list[dict[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     apply_offline_defaults()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("data", help="a prepared RAG dataset (held-out part)")
     p.add_argument("--rows", type=int, default=40, help="the first N rows (as evaluation run --max-examples)")
     p.add_argument("--out", help="write the table as JSON here")

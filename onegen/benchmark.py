@@ -3,8 +3,8 @@ them by question id into training and held-out parts, train one OneGen model on 
 and evaluate it on the held-out parts against retriever pipelines that share its generator.
 
     bash scripts/benchmark.sh                                   # CPU: SmolLM2-135M-Instruct, ../shared/data
-    bash scripts/benchmark.sh --config configs/benchmark-toy.yaml   # minutes: CI's size (tiny model)
-    bash scripts/benchmark.sh --config configs/benchmark-gpu.yaml   # the same stages on full data, on GPUs
+    bash scripts/benchmark.sh --config configs/benchmark/toy.yaml   # minutes: CI's size (tiny model)
+    bash scripts/benchmark.sh --config configs/benchmark/gpu.yaml   # the same stages on full data, on GPUs
     bash scripts/benchmark.sh --help-config                     # every field of the recipe
 
 Stages (each reused on a rerun with the same options, see ``onegen.stages``):
@@ -29,6 +29,7 @@ from onegen.benchmark_config import BenchmarkConfig, ElSet, RagSet, resolve
 from onegen.config import help_text, load_config
 from onegen.environment import apply_offline_defaults
 from onegen.errors import ConfigError, OneGenError
+from onegen.methods import METHODS
 from onegen.stages import ROOT, Stage, run_stages, stage_seconds, torchrun
 
 PY = sys.executable
@@ -100,7 +101,8 @@ def train_stage(cfg: BenchmarkConfig, out: Path, train_dirs: list[Path], eval_di
                           "--ranks": cfg.train.ranks}, keep=True)
 
 
-SHARED_INDEX = ("onegen", "two-pass")  # both search the checkpoint's own [RD] index: built once per dataset
+# the methods that search the checkpoint's own [RD] index (onegen, two-pass): it is built once per dataset
+SHARED_INDEX = tuple(name for name, m in METHODS.items() if m.own_index)
 
 
 def index_stage(out: Path, name: str, data: Path, n: int) -> Stage:
@@ -173,7 +175,7 @@ def build_stages(cfg: BenchmarkConfig, out: Path) -> tuple[list[Stage], dict]:
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/benchmark.sh", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("--config", default="configs/benchmark-cpu.yaml", help="the benchmark recipe (default: %(default)s)")
+    p.add_argument("--config", default="configs/benchmark/cpu.yaml", help="the benchmark recipe (default: %(default)s)")
     p.add_argument("--out", help="where everything goes (default runs/<recipe name>)")
     p.add_argument("--steps", type=int, help="training steps (appended to train.overrides as optim.max_steps)")
     p.add_argument("--eval-examples", type=int, help="held-out questions per RAG dataset and method (every rag set)")
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     try:
         cfg = load(ns)
-        out = resolve(ns.out or f"runs/{Path(ns.config).stem}", Path.cwd())
+        out = resolve(ns.out or f"runs/benchmark-{Path(ns.config).stem}", Path.cwd())
         out.mkdir(parents=True, exist_ok=True)
         stages, layout = build_stages(cfg, out)
     except OneGenError as e:

@@ -1,4 +1,4 @@
-"""The benchmark's recipe (``configs/benchmark-*.yaml``): which real datasets, how they are split,
+"""The benchmark's recipe (``configs/benchmark/*.yaml``): which real datasets, how they are split,
 which model is trained on them and how it is evaluated.
 
 The CPU recipe and the GPU one differ only in data paths, model and sizes: the stages they run are
@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Literal
 
 from onegen.errors import ConfigError
+from onegen.methods import METHOD_NAMES
 
-RAG_METHODS = ["onegen", "two-pass", "pipeline-bm25", "pipeline-minilm", "no-retrieval"]
+RAG_METHODS = list(METHOD_NAMES)  # the registry (onegen.methods)
 
 
 @dataclass

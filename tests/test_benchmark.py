@@ -16,12 +16,12 @@ from tests.train_fixtures import ROOT, env
 METHODS = ["onegen", "two-pass", "pipeline-bm25", "pipeline-minilm", "no-retrieval"]
 
 
-def _cfg(*over: str, recipe: str = "configs/benchmark-cpu.yaml"):
+def _cfg(*over: str, recipe: str = "configs/benchmark/cpu.yaml"):
     return benchmark.load(benchmark._parse(["--config", recipe, *over]))
 
 
 def test_recipes_load_and_gpu_differs_only_in_paths_model_and_sizes():
-    cpu, gpu = _cfg(), _cfg(recipe="configs/benchmark-gpu.yaml")
+    cpu, gpu = _cfg(), _cfg(recipe="configs/benchmark/gpu.yaml")
     assert [s.kind for s in cpu.rag] == [s.kind for s in gpu.rag] and [s.name for s in cpu.rag] == [s.name for s in gpu.rag]
     assert cpu.eval.methods == gpu.eval.methods and cpu.train.mode == gpu.train.mode
     assert cpu.train.recipe != gpu.train.recipe
@@ -99,7 +99,7 @@ def test_bars_are_judged_from_the_measured_numbers(tmp_path):
 @pytest.mark.shared_data
 def test_toy_benchmark_end_to_end(tmp_path, shared_data):
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "onegen.benchmark", "--config", "configs/benchmark-toy.yaml", "--out", str(out),
+    cmd = [sys.executable, "-m", "onegen.benchmark", "--config", "configs/benchmark/toy.yaml", "--out", str(out),
            f"data_root={shared_data}"]
     p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=1800)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]

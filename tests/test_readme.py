@@ -48,7 +48,7 @@ def test_every_recipe_and_file_the_readme_names_exists():
 SKIP = [
     (re.compile(r"^bash scripts/quickstart\.sh"), "the quickstart: the test ran it first (--preset tiny --small)"),
     (re.compile(r"^bash scripts/test\.sh"), "the whole test suite, which this test is part of"),
-    (re.compile(r"^bash scripts/benchmark\.sh( --config configs/benchmark-(toy|gpu)\.yaml.*)?$"),
+    (re.compile(r"^bash scripts/benchmark\.sh( --config configs/benchmark/(toy|gpu)\.yaml.*)?$"),
      "the real-benchmark run (53 min), its GPU variant, and its toy size (tests/test_benchmark.py runs that)"),
     (re.compile(r"^deepspeed --num_gpus"), "a launcher for GPUs"),
     (re.compile(r"^sbatch "), "a launcher for a SLURM cluster"),
