@@ -55,3 +55,15 @@ def _no_leaked_tracking_uri():
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+# The unit tier (`pytest -m unit`): files that test pure parts (roles and labels, the loss, the collator
+# and its negatives, the data plan, KV bookkeeping, metrics, bootstrap intervals, mining, config errors).
+UNIT_FILES = {"test_roles.py", "test_loss.py", "test_collator.py", "test_plan_kv.py", "test_metrics.py",
+              "test_bootstrap.py", "test_mining.py", "test_config.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in UNIT_FILES and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.unit)
