@@ -129,6 +129,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="insert [RQ] after every N generated tokens instead of letting the model decide (smoke "
                          "tests of an untrained checkpoint; not a benchmark setting)")
     pr.add_argument("--k", type=int, default=5, help="documents retrieved per query (top-1 inserted; recall@k)")
+    pr.add_argument("--pipeline-query", choices=["full", "latest", "lead"], default="full",
+                    help="pipelines' query at each [RQ]: full (default) question + all the model wrote; latest: question "
+                         "+ what it wrote since the previous retrieval; lead: that alone (full still names hop 1 at hop 2)")
     pr.add_argument("--normalization", choices=list(NORMALIZATION_NAMES), default="default",
                     help="answer normalisation of EM/F1. default: the HotpotQA rules (lower-case, delete punctuation, "
                          "drop a/an/the, collapse whitespace) plus NFC and deleting Unicode punctuation too (curly "
@@ -213,7 +216,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
                       setting=ns.setting, max_examples=ns.max_examples, kind=ns.kind, max_new_tokens=ns.max_new_tokens,
                       max_hops=ns.max_hops, k=ns.k, force_retrieval_every=ns.force_retrieval_every,
                       device=ns.device, dtype=ns.dtype, attn=ns.attn, faiss_fp16=ns.faiss_fp16,
-                      normalization=ns.normalization,
+                      normalization=ns.normalization, pipeline_query=ns.pipeline_query,
                       batch_size=ns.batch_size, gen_batch_size=ns.gen_batch_size,
                       tracking=not ns.no_mlflow, tracking_uri=ns.tracking_uri, experiment=ns.experiment,
                       run_name=ns.run_name, progress=not ns.quiet)

@@ -218,6 +218,7 @@ class _Decoder:
         limit = cfg.force_new_tokens or cfg.max_new_tokens
         generated: list[int] = []
         own: list[int] = []
+        since = 0  # own[since:] is what the model wrote after the previous retrieval
         hops: list[Hop] = []
         since = 0
         gen_start = len(s.context) + len(prompt)
@@ -255,7 +256,9 @@ class _Decoder:
                 out = yield "decode"  # the forward whose input is [RQ]: its state is the query
                 h = out.hidden[-1]
                 step = RetrievalStep(question=row["question"], generated_text=tok_.decode(own, skip_special_tokens=True),
-                                     k=cfg.k, candidates=candidates, hidden=h, context_ids=list(s.context), hop=len(hops))
+                                     k=cfg.k, candidates=candidates, hidden=h, context_ids=list(s.context), hop=len(hops),
+                                     latest_text=tok_.decode(own[since:], skip_special_tokens=True))
+                since = len(own)
                 r0 = self.retriever.forward_calls  # counted around the call: other contexts may retrieve in between
                 hits = self.retriever.retrieve(step)
                 retriever_forwards += self.retriever.forward_calls - r0

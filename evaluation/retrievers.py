@@ -48,10 +48,24 @@ class RetrievalStep:
     hidden: torch.Tensor | None = None  # [H] last-layer state AT the [RQ] position (not normalised)
     context_ids: list[int] | None = None  # the whole context up to and including [RQ]
     hop: int = 0
+    latest_text: str | None = None  # the model's words since the previous retrieval (None: generated_text)
 
-    def pipeline_query(self) -> str:
-        """The text a separate (pipeline) retriever is queried with: question + generation so far."""
-        return f"{self.question} {self.generated_text}".strip()
+    def pipeline_query(self, form: str = "full") -> str:
+        """The text a separate (pipeline) retriever is queried with (``PIPELINE_QUERIES``): ``full`` the
+        question + the generation so far, ``latest`` the question + what was written since the previous
+        retrieval, ``lead`` that text alone (the question when it is empty)."""
+        if form == "full":
+            return f"{self.question} {self.generated_text}".strip()
+        latest = (self.generated_text if self.latest_text is None else self.latest_text).strip()
+        if form == "latest":
+            return f"{self.question} {latest}".strip()
+        if form == "lead":
+            return latest or self.question
+        raise ConfigError(f"pipeline query {form!r}: choose one of {list(PIPELINE_QUERIES)}")
+
+
+# What a pipeline retriever is queried with (evaluation run --pipeline-query).
+PIPELINE_QUERIES = ("full", "latest", "lead")
 
 
 @runtime_checkable
@@ -131,7 +145,7 @@ class BM25Retriever:
 
     name = "bm25"
 
-    def __init__(self, docs: Iterable[Document], stem: bool = True) -> None:
+    def __init__(self, docs: Iterable[Document], stem: bool = True, query_form: str = "full") -> None:
         import bm25s
         from bm25s.tokenization import Tokenizer
 
@@ -140,6 +154,7 @@ class BM25Retriever:
             raise ConfigError("BM25Retriever needs at least one document")
         self.doc_ids = [d.doc_id for d in docs]
         self.position = {d: i for i, d in enumerate(self.doc_ids)}
+        self.query_form = query_form
         stemmer = None
         if stem and importlib.util.find_spec("Stemmer") is not None:
             import Stemmer
@@ -161,7 +176,7 @@ class BM25Retriever:
         return np.asarray(self._bm25.get_scores_from_ids(ids), dtype=np.float32)
 
     def retrieve(self, step: RetrievalStep) -> Hits:
-        s = self.scores(step.pipeline_query())
+        s = self.scores(step.pipeline_query(self.query_form))
         if step.candidates is None:
             return _top(s, self.doc_ids, step.k)
         pos = [self.position[c] for c in step.candidates if c in self.position]
@@ -173,15 +188,16 @@ class DenseRetriever:
 
     name = "dense"
 
-    def __init__(self, encoder: Any, docs: Iterable[Document], batch_size: int = 64) -> None:
+    def __init__(self, encoder: Any, docs: Iterable[Document], batch_size: int = 64, query_form: str = "full") -> None:
         docs = list(docs)
         self.encoder = encoder
+        self.query_form = query_form
         emb = encoder.encode([doc_text(d) for d in docs], batch_size=batch_size)
         self.index = DocIndex.from_arrays([d.doc_id for d in docs], emb)
         self.forward_calls = 0
 
     def retrieve(self, step: RetrievalStep) -> Hits:
-        q = self.encoder.encode([step.pipeline_query()])
+        q = self.encoder.encode([step.pipeline_query(self.query_form)])
         self.forward_calls += 1
         return self.index.search(q, step.k, _restrict(step))[0]
 
@@ -205,7 +221,7 @@ def _device_of(rt: Any) -> str:
 
 
 def build_retriever(name: str, rt: Any, index: DocIndex | None = None, *, docs: Iterable[Document] | None = None,
-                    encoder: Any = None, device: str | None = None) -> Retriever:
+                    encoder: Any = None, device: str | None = None, query_form: str = "full") -> Retriever:
     """A retriever by name (``RETRIEVERS``) for a loaded :class:`evaluation.runtime.Runtime`.
 
     ``docs`` defaults to the runtime's prepared ``docs/``; ``encoder`` (dense) defaults to
@@ -225,11 +241,11 @@ def build_retriever(name: str, rt: Any, index: DocIndex | None = None, *, docs: 
             raise ConfigError(f"retriever {name!r} needs documents: load the runtime with a prepared dataset")
         docs = rt.docs.all()
     if name == "bm25":
-        return BM25Retriever(docs)
+        return BM25Retriever(docs, query_form=query_form)
     if name == "dense":
         if encoder is None:
             from data_prep.encoders import MeanPoolEncoder, default_minilm_path
 
             encoder = MeanPoolEncoder(default_minilm_path(), device=device or _device_of(rt))
-        return DenseRetriever(encoder, docs)
+        return DenseRetriever(encoder, docs, query_form=query_form)
     raise ConfigError(f"unknown retriever {name!r}; choose one of {list(RETRIEVERS)}")

@@ -75,6 +75,7 @@ class EvalRequest:
     attn: str = "auto"  # auto / sdpa / eager / flash_attention_2 (auto: flash-attn on CUDA when installed)
     faiss_fp16: bool = False  # GPU faiss: vectors held in fp16 on the GPUs (flat)
     normalization: str = "default"  # EM/F1 answer normalisation: default / official (evaluation.metrics)
+    pipeline_query: str = "full"  # what a pipeline retriever is queried with (evaluation.retrievers.PIPELINE_QUERIES)
     batch_size: int = 32
     gen_batch_size: int = 1
     tracking: bool = True
@@ -144,6 +145,8 @@ def _check_request(req: EvalRequest, task: str | None = None, data_dir: Path | N
         if req.normalization not in NORMALIZATIONS:
             raise ConfigError(f"--normalization {req.normalization!r}: choose one of {list(NORMALIZATIONS)} (default: "
                               f"HotpotQA's rules + NFC + Unicode punctuation; official: the HotpotQA script exactly)")
+        if req.pipeline_query not in ("full", "latest", "lead"):  # = retrievers.PIPELINE_QUERIES (torch-free here)
+            raise ConfigError(f"--pipeline-query {req.pipeline_query!r}: choose full, latest or lead")
         for flag, value in (("--max-examples", req.max_examples), ("--gen-batch-size", req.gen_batch_size)):
             if value is not None and value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
@@ -225,6 +228,7 @@ def _run_locked(req: EvalRequest, out: Path, task: str, dman: dict, mman: dict, 
         "dataset": data_dir.resolve().name, "max_examples": req.max_examples, "train_run_id": train_run_id,
         "tokenizer_fingerprint": mman.get("tokenizer_fingerprint"), "dtype": prec["dtype"], "attn": prec["attn"],
         "attn_reason": prec["attn_reason"], "faiss_fp16": req.faiss_fp16, "normalization": req.normalization,
+        "pipeline_query": req.pipeline_query,
         **{f"extra.{k}": v for k, v in req.extra_params.items()},
     })
     try:
@@ -296,7 +300,7 @@ def _run(req: EvalRequest, out: Path, task: str, dman: dict, mman: dict, ocfg: d
                  "s_per_question": part.gen_s / max(part.n_results, 1), "n": part.n_results,
                  "generated_tokens": part.tokens})
     metrics = {"task": task, "method": req.method, "retriever": METHODS[req.method].retriever, "setting": req.setting,
-               "normalization": req.normalization, "index_subset": idx.manifest.get("subset") if idx is not None else None,
+               "normalization": req.normalization, "pipeline_query": req.pipeline_query, "index_subset": idx.manifest.get("subset") if idx is not None else None,
                "dataset": Path(req.data).resolve().name, "model": str(Path(req.model).resolve()),
                "checkpoint_mode": ocfg.get("mode"), "headline": head, **part.details,
                "wall_s": {"generation": part.gen_s, "total": time.perf_counter() - t_start}}

@@ -45,15 +45,19 @@ def pipeline_teacher_forced(rt, retriever, *, setting: str, max_rows: int | None
         for r in rt.data.query_rows(list(range(s, min(n, s + 256)))):
             ids, roles, p0 = list(r["input_ids"]), list(r["roles"]), int(r["prompt_len"])
             cands = list(r["candidates"]) if setting == "distractor" and r.get("candidates") else None
+            start = p0
             for j, (pos, gold) in enumerate(zip(r["ret_positions"], r["positives"])):
                 own = [ids[t] for t in range(p0, int(pos)) if roles[t] == GEN]
+                latest = [ids[t] for t in range(start, int(pos)) if roles[t] == GEN]
                 text = rt.tokenizer.decode(own, skip_special_tokens=True)
-                steps.append((RetrievalStep(question=r["question"], generated_text=text, k=1, candidates=cands, hop=j),
+                steps.append((RetrievalStep(question=r["question"], generated_text=text, k=1, candidates=cands, hop=j,
+                                            latest_text=rt.tokenizer.decode(latest, skip_special_tokens=True)),
                               str(gold), j))
+                start = int(pos) + 1
     hits: dict[int, int] = {}
     total: dict[int, int] = {}
     if isinstance(retriever, DenseRetriever) and steps:  # one batched encoder pass instead of one per hop
-        q = retriever.encoder.encode([st.pipeline_query() for st, _, _ in steps])
+        q = retriever.encoder.encode([st.pipeline_query(retriever.query_form) for st, _, _ in steps])
         restrict = [st.candidates for st, _, _ in steps]
         tops = retriever.index.search(q, 1, restrict if any(c is not None for c in restrict) else None)
     else:
@@ -63,7 +67,7 @@ def pipeline_teacher_forced(rt, retriever, *, setting: str, max_rows: int | None
         total[j] = total.get(j, 0) + 1
         hits[j] = hits.get(j, 0) + int(bool(top) and top[0][0] == gold)
     out: dict[str, Any] = {"recall@1": sum(hits.values()) / max(sum(total.values()), 1), "n": sum(total.values()),
-                           "setting": setting, "query": "question + gold generated text before [RQ]"}
+                           "setting": setting, "query": getattr(retriever, "query_form", "full")}
     for j in sorted(total):
         out[f"recall@1/hop{j + 1}"] = hits[j] / total[j]
         out[f"n/hop{j + 1}"] = total[j]
@@ -129,7 +133,8 @@ def rag_part(req: Any, rt: Any, idx: Any, retriever_name: str, n: int) -> TaskPa
     cfg = GenerationConfig(max_new_tokens=req.max_new_tokens or 64, max_hops=req.max_hops, k=req.k,
                            setting=req.setting, force_retrieval_every=req.force_retrieval_every,  # type: ignore[arg-type]
                            batch_size=req.gen_batch_size)
-    retriever = build_retriever(retriever_name, rt, idx)  # (pipelines index the docs here: not timed)
+    # (pipelines index the docs here: not timed)
+    retriever = build_retriever(retriever_name, rt, idx, query_form=getattr(req, "pipeline_query", "full"))
     t0 = time.perf_counter()
     results = run_questions(rt, retriever, cfg, list(range(n)), progress=req.progress)
     gen_s = time.perf_counter() - t0

@@ -126,6 +126,8 @@ def eval_stage(cfg: BenchmarkConfig, out: Path, name: str, data: Path, method: s
         cmd += ["--max-examples", str(n)]
     if rag:  # (entity linking's default budget follows each text's length)
         cmd += ["--max-new-tokens", str(cfg.eval.max_new_tokens)]
+    if rag and cfg.eval.pipeline_query != "full" and not METHODS[method].own_index and METHODS[method].retriever != "none":
+        cmd += ["--pipeline-query", cfg.eval.pipeline_query]  # (full, the default, is left out: older runs stay reusable)
     shared = rag and method in SHARED_INDEX
     if shared:
         cmd += ["--index", str(index)]

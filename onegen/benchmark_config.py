@@ -57,6 +57,9 @@ class EvalSpec:
     normalization: Literal["default", "official"] = field(default="default", metadata={
         "help": "EM/F1 normalisation: default (Unicode-aware) or official (the HotpotQA script's)"})
     max_new_tokens: int = field(default=64, metadata={"help": "most generated tokens per question"})
+    pipeline_query: Literal["full", "latest", "lead"] = field(default="full", metadata={
+        "help": "what the pipelines are queried with: full (question + all the model wrote), latest (question + "
+                "what it wrote since the previous retrieval), lead (that alone)"})
 
 
 @dataclass

@@ -143,3 +143,12 @@ def _split_ids(d: Path) -> list[str]:
     from pipeline.data import open_prepared
 
     return list(open_prepared(d).queries["example_id"])
+
+
+@pytest.mark.shared_data
+def test_the_pipelines_query_form_reaches_only_the_pipeline_evaluations(tmp_path, shared_data):
+    stages, _ = benchmark.build_stages(_cfg(f"data_root={shared_data}", "eval.pipeline_query=lead"), tmp_path)
+    flagged = {s.name for s in stages if "--pipeline-query" in s.cmd}
+    assert flagged == {f"eval-{d}-{m}" for d in ("2wiki", "hotpotqa") for m in ("pipeline-bm25", "pipeline-minilm")}
+    stages, _ = benchmark.build_stages(_cfg(f"data_root={shared_data}"), tmp_path)
+    assert not any("--pipeline-query" in s.cmd for s in stages)  # the default keeps earlier runs' commands

@@ -345,3 +345,34 @@ def test_a_run_indexes_only_its_rows_documents(env, runs, capsys):
         err = capsys.readouterr().err
         assert "is a subset index" in err and "omit --index" in err, err
     assert main(base + ["--max-examples", "2", "--out", str(env["base"] / "sub_ok")]) == 0
+
+
+def test_pipeline_query_forms():
+    from evaluation.retrievers import PIPELINE_QUERIES, RetrievalStep
+    from onegen.errors import ConfigError
+
+    st = RetrievalStep(question="Where was the director of Film A born?", generated_text=" Search: Film A director Search: "
+                       "Bob Ray place of birth", k=1, latest_text=" Search: Bob Ray place of birth")
+    # full: unchanged from before the option (the question, a space, the generation as decoded)
+    assert st.pipeline_query() == st.pipeline_query("full") == f"{st.question} {st.generated_text}"
+    assert st.pipeline_query("latest") == "Where was the director of Film A born? Search: Bob Ray place of birth"
+    assert st.pipeline_query("lead") == "Search: Bob Ray place of birth"
+    assert RetrievalStep(question="Q?", generated_text="", k=1, latest_text=" ").pipeline_query("lead") == "Q?"
+    assert RetrievalStep(question="Q?", generated_text="x", k=1).pipeline_query("latest") == "Q? x"  # no latest: all
+    assert PIPELINE_QUERIES == ("full", "latest", "lead")
+    with pytest.raises(ConfigError, match="choose one of"):
+        st.pipeline_query("hyde")
+
+
+def test_pipeline_query_flag_reaches_the_retriever_metrics_and_mlflow(env, capsys):
+    out = env["base"] / "lead-query"
+    assert main(["run", "--model", str(env["linked"]), "--data", str(env["world"] / "rag_dev"), "--method", "pipeline-bm25",
+                 "--max-examples", "3", "--max-new-tokens", "4", "--pipeline-query", "lead", "--out", str(out),
+                 "--tracking-uri", env["uri"], "--quiet"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["pipeline_query"] == "lead" and m["teacher_forced"]["query"] == "lead"
+    assert env["client"].get_run(_run_id(out)).data.params["pipeline_query"] == "lead"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--model", str(env["linked"]), "--data", str(env["world"] / "rag_dev"), "--pipeline-query", "hyde"])
+    assert e.value.code == 2 and "invalid choice: 'hyde'" in capsys.readouterr().err
