@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -24,18 +23,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from onegen.stages import stage_env
+
 ROOT = Path(__file__).resolve().parent.parent
 # The smallest model, under the --model overrides (which set all four by default).
 TINY_MODEL = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1", "model.num_heads=2"]
 
 
 def env() -> dict:
-    """This environment, offline, without a launcher's variables or a tracking URI left from elsewhere."""
-    e = dict(os.environ)
-    e.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true", TOKENIZERS_PARALLELISM="false",
-             TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"), PYTHONUNBUFFERED="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "MLFLOW_TRACKING_URI"):
-        e.pop(k, None)
+    """The stages' environment (offline defaults, no launcher variables), without a tracking URI left from elsewhere."""
+    e = stage_env()
+    e.pop("MLFLOW_TRACKING_URI", None)
     return e
 
 
