@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from onegen.bootstrap import bootstrap_ci
+from onegen.bootstrap import question_ci
 
 RAG_COLS = [("em", "EM"), ("f1", "F1"), ("recall_at_1_tf", "R@1 tf"), ("recall_at_1_tf_hop1", "tf hop1"),
             ("recall_at_1_tf_hop2", "tf hop2"), ("recall_at_1_free", "R@1 free"), ("recall_at_1_free_hop1", "free hop1"),
@@ -50,8 +50,7 @@ def _fmt(v: Any) -> str:
 
 def _with_ci(value: Any, preds: list[dict], key: str) -> tuple[str, list[float] | None]:
     score = CI_SCORES.get(key)
-    vals = [p["scores"][score] for p in preds if score and score in p.get("scores", {})]
-    ci = bootstrap_ci(vals) if vals and value is not None else None
+    ci = question_ci(preds, score) if score and value is not None else None
     return (f"{_fmt(value)} [{ci.low:.2f}, {ci.high:.2f}]" if ci else _fmt(value)), ([ci.low, ci.high] if ci else None)
 
 

@@ -56,3 +56,8 @@ def question_values(records: Iterable[dict[str, Any]], key: str) -> list[float]:
         if isinstance(v, (int, float)) and math.isfinite(v):  # a bool counts 0/1, as in aggregate
             out.append(float(v))
     return out
+
+
+def question_ci(predictions: Sequence[dict], score: str) -> CI | None:
+    """The interval of a per-question score over ``predictions.jsonl`` rows (their ``scores[score]``)."""
+    return bootstrap_ci([p["scores"][score] for p in predictions if score in p.get("scores", {})])

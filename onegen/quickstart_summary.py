@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from onegen.bootstrap import bootstrap_ci
+from onegen.bootstrap import question_ci
 from onegen.methods import METHODS
 
 RETRIEVER = {m.name: m.retrieves_with for m in METHODS.values()}
@@ -59,11 +59,8 @@ def _cell(r: dict, key: str) -> str:
     score = WITH_CI.get(key)
     if value is None or score is None:
         return _fmt(value)
-    vals = [p["scores"][score] for p in r["preds"] if score in p.get("scores", {})]
-    if not vals:
-        return _fmt(value)
-    ci = bootstrap_ci(vals)
-    return f"{_fmt(value)} [{ci.low:.2f}, {ci.high:.2f}]"
+    ci = question_ci(r["preds"], score)
+    return _fmt(value) if ci is None else f"{_fmt(value)} [{ci.low:.2f}, {ci.high:.2f}]"
 
 
 def _question_types(path: Path) -> dict[str, str]:
