@@ -20,11 +20,12 @@ from pathlib import Path
 
 from onegen.environment import apply_offline_defaults
 
-FORMS = ("full", "latest", "lead")
+FORMS = ("full", "latest", "lead")  # = evaluation.retrievers.PIPELINE_QUERIES
 
 
 def hop_queries(tokenizer, row: dict) -> list[dict[str, str]]:
     """Per gold [RQ] of a row: the query text of each form."""
+    from evaluation.retrievers import RetrievalStep
     from onegen.roles import GEN
 
     ids, roles, p0 = list(row["input_ids"]), list(row["roles"]), int(row["prompt_len"])
@@ -32,8 +33,8 @@ def hop_queries(tokenizer, row: dict) -> list[dict[str, str]]:
     for pos in row["ret_positions"]:
         every = tokenizer.decode([ids[t] for t in range(p0, int(pos)) if roles[t] == GEN], skip_special_tokens=True)
         lead = tokenizer.decode([ids[t] for t in range(start, int(pos)) if roles[t] == GEN], skip_special_tokens=True)
-        out.append({"full": f"{row['question']} {every}".strip(), "latest": f"{row['question']} {lead}".strip(),
-                    "lead": lead.strip()})
+        step = RetrievalStep(question=row["question"], generated_text=every, k=1, latest_text=lead)
+        out.append({form: step.pipeline_query(form) for form in FORMS})  # the forms evaluation run queries with
         start = int(pos) + 1
     return out
 
