@@ -88,6 +88,21 @@ def barrier(group: Any = None) -> None:
         dist.barrier(group=group)
 
 
+def shutdown(clean: bool) -> None:
+    """Leave the process group before the interpreter exits.
+
+    A gloo group left to the interpreter's exit can abort the process ("terminate called without an
+    active exception", SIGABRT: a rank that had finished its work failed the job). ``clean``: every
+    rank got here normally, so they first wait for each other (no rank tears down while another still
+    sends); after a failure a barrier could wait for a rank that is gone, so there is none.
+    """
+    if not initialized():
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def rank() -> int:
     return dist.get_rank() if initialized() else 0
 

@@ -141,19 +141,29 @@ def train(cfg: TrainConfig) -> dict:
     # DeepSpeed's ZeRO-3 calls deprecated c10d names on every step: not the user's concern.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
     rank, _, local_rank = setup_distributed()
-    with _output_lock(Path(cfg.output_dir), rank, local_rank):
-        run = _set_up(cfg)
-        status = "FAILED"
-        try:
-            stopped = _loop(run)
-            if stopped:
-                status = "KILLED"
-                return {"step": run.step, "stopped": True}
-            summary = _finish(run)
-            status = "FINISHED"
-            return summary
-        finally:
-            run.tracker.end(status)
+    clean = False
+    try:
+        with _output_lock(Path(cfg.output_dir), rank, local_rank):
+            result = _train_locked(cfg)
+        clean = True
+        return result
+    finally:
+        collectives.shutdown(clean)
+
+
+def _train_locked(cfg: TrainConfig) -> dict:
+    run = _set_up(cfg)
+    status = "FAILED"
+    try:
+        stopped = _loop(run)
+        if stopped:
+            status = "KILLED"
+            return {"step": run.step, "stopped": True}
+        summary = _finish(run)
+        status = "FINISHED"
+        return summary
+    finally:
+        run.tracker.end(status)
 
 
 @contextlib.contextmanager

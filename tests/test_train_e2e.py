@@ -76,3 +76,20 @@ def test_resume_passes_the_weights_only_loader_for_every_ds_config(world, tmp_pa
     second = run(train_cmd("python", world, out, "optim.max_steps=3", *extra))
     assert "resuming from step-000002" in second.stdout and "[train] done: step 3" in second.stdout
     assert [m["step"] for m in _metrics(out)] == [1, 2, 3]
+
+
+def test_every_rank_leaves_the_process_group_when_training_ends(world, tmp_path):
+    """A gloo group left to the interpreter's exit once aborted a finished rank (SIGABRT, CI stop 22):
+    train() destroys it itself, on every rank, after a barrier."""
+    from tests.train_fixtures import ROOT
+
+    script = tmp_path / "train_then_ask.py"
+    script.write_text("import sys, torch.distributed as dist\n"
+                      "from pipeline.train import main\n"
+                      "code = main(sys.argv[1:])\n"
+                      "print(f'after train: code={code} initialized={dist.is_initialized()}', flush=True)\n")
+    cmd = train_cmd("torchrun", world, tmp_path / "run", "optim.max_steps=2", "checkpoint_every=0", "export=false",
+                    "optim.micro_batch_size=4")
+    cmd[cmd.index(str(ROOT / "pipeline" / "train.py"))] = str(script)
+    out = run(cmd).stdout
+    assert out.count("after train: code=0 initialized=False") == 2, out[-3000:]
