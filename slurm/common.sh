@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sourced by slurm/{train,prep,eval}.sh in the batch step (never run on its own).
+# Sourced by slurm/{train,prep,eval,mlflow}.sh in the batch step (never run on its own; launch.sh sources it
+# for onegen_mlflow_healthy). Each job script finds it in the checkout, sources it and calls onegen_job_start.
 #
 # SLURM runs a *copy* of the batch script from its spool directory, so "the directory of this script"
 # is useless there: the checkout is $ONEGEN_ROOT, else the directory sbatch was called from
@@ -44,6 +45,15 @@ onegen_banner() {
   onegen_log "job ${SLURM_JOB_ID:-?}${SLURM_ARRAY_TASK_ID:+ (array task $SLURM_ARRAY_TASK_ID)} '${SLURM_JOB_NAME:-?}'" \
     "on ${SLURM_JOB_NODELIST:-$(hostname)} · restart ${SLURM_RESTART_COUNT:-0} · checkout $ONEGEN_ROOT" \
     "· python $(command -v "$PYTHON" || echo "$PYTHON")"
+}
+
+# The start of every job script: onegen_setup, then onegen_banner; with --mlflow-server (train, eval),
+# then onegen_mlflow_from_server; --no-mlflow-server (prep, the MLflow server job itself) stops there.
+onegen_job_start() {
+  case "${1:-}" in --mlflow-server|--no-mlflow-server) ;; *) onegen_die "onegen_job_start: unknown option '${1:-}'" ;; esac
+  onegen_setup
+  onegen_banner
+  if [ "$1" = --mlflow-server ]; then onegen_mlflow_from_server; fi
 }
 
 # The first host of the allocation: torchrun's rendezvous (MASTER_ADDR) lives there.

@@ -27,17 +27,13 @@
 #SBATCH --output=logs/%x-%j.out
 set -euo pipefail
 
-# SLURM runs a copy of this script from its spool dir: find the checkout from where sbatch was called.
+# SLURM runs a copy of this script from its spool dir: the checkout (and its slurm/common.sh, which
+# does the rest of the start) is $ONEGEN_ROOT, else the directory sbatch was called from.
 checkout="${ONEGEN_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"
-if [ ! -f "$checkout/slurm/common.sh" ]; then
-  echo "[slurm] error: $checkout is not an onegen checkout: submit from the repository root or set ONEGEN_ROOT" >&2
-  exit 2
-fi
+[ -f "$checkout/slurm/common.sh" ] || { echo "[slurm] error: $checkout is not an onegen checkout: submit from the repository root or set ONEGEN_ROOT" >&2; exit 2; }
 # shellcheck source=slurm/common.sh
 source "$checkout/slurm/common.sh"
-onegen_setup
-onegen_banner
-onegen_mlflow_from_server  # launch.sh --mlflow-server: MLFLOW_TRACKING_URI from the server's URI file
+onegen_job_start --mlflow-server  # MLFLOW_TRACKING_URI from the URI file of launch.sh --mlflow-server
 [ $# -ge 2 ] || onegen_die "usage: sbatch slurm/eval.sh MODEL_DIR DATA_DIR [evaluation run options]"
 model="$1" data="$2"
 shift 2

@@ -24,16 +24,13 @@
 #SBATCH --output=logs/%x-%A_%a.out
 set -euo pipefail
 
-# SLURM runs a copy of this script from its spool dir: find the checkout from where sbatch was called.
+# SLURM runs a copy of this script from its spool dir: the checkout (and its slurm/common.sh, which
+# does the rest of the start) is $ONEGEN_ROOT, else the directory sbatch was called from.
 checkout="${ONEGEN_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"
-if [ ! -f "$checkout/slurm/common.sh" ]; then
-  echo "[slurm] error: $checkout is not an onegen checkout: submit from the repository root or set ONEGEN_ROOT" >&2
-  exit 2
-fi
+[ -f "$checkout/slurm/common.sh" ] || { echo "[slurm] error: $checkout is not an onegen checkout: submit from the repository root or set ONEGEN_ROOT" >&2; exit 2; }
 # shellcheck source=slurm/common.sh
 source "$checkout/slurm/common.sh"
-onegen_setup
-onegen_banner
+onegen_job_start --no-mlflow-server
 [ $# -gt 0 ] || onegen_die "usage: sbatch --array=0-N slurm/prep.sh PREPARE_ARGS... (see python -m data_prep prepare --help)"
 
 # Worker processes = the task's CPUs (num_proc changes no output byte); an explicit --num-proc wins.
