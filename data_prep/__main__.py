@@ -28,47 +28,22 @@ import argparse
 import contextlib
 import sys
 
+from onegen.config_flags import add_config_flags, flag_overrides
 from onegen.environment import allow_network, apply_offline_defaults
 from onegen.errors import OneGenError
 
 
 def _prepare_args(p: argparse.ArgumentParser) -> None:
+    from data_prep.prepare import PrepConfig  # torch-free: its dataclasses only
+
     p.add_argument("--config", help="YAML recipe with PrepConfig fields")
-    p.add_argument("--kind", choices=["hotpotqa", "2wiki", "elevant", "onegen"])
-    p.add_argument("--input", help="benchmark file (.json, .jsonl, .gz)")
-    p.add_argument("--out", help="output directory")
-    p.add_argument("--kb", help="entity KB JSONL {id,name,description} (elevant)")
-    p.add_argument("--db", help="db.jsonl (kind onegen)")
-    p.add_argument("--aliases", help="2Wiki answer aliases file")
-    p.add_argument("--corpus", help="extra {title,text} passages added to the document pool")
-    p.add_argument("--tokenizer", help="bpe:N | smollm2 | local dir | hub name (with --allow-network)")
-    p.add_argument("--num-proc", type=int, help="worker processes")
-    p.add_argument("--on-error", choices=["fail", "skip"], help="fail on a bad record (default) or quarantine it")
-    p.add_argument("--max-examples", type=int)
-    p.add_argument("--from-hub", help="load the benchmark from the Hugging Face hub (needs --allow-network)")
-    p.add_argument("--allow-network", action="store_true", help="allow hub downloads (never used by tests or CI)")
+    add_config_flags(p, PrepConfig)  # one flag per top-level field: --kind, --input, --out, --tokenizer, ...
     p.add_argument("--help-config", action="store_true", help="list every config field and exit")
     p.add_argument("--only-shards", metavar="I/N", help="job-array task I of N (0-based): write only the query and "
                                                        "doc shards whose index is I mod N, and no manifest (slurm/prep.sh)")
     p.add_argument("--finish-only", action="store_true", help="after every --only-shards task: check all shards exist, "
                                                               "then write quarantine.jsonl + manifest.json")
     p.add_argument("overrides", nargs="*", help="key=value overrides of config fields")
-
-
-def _flag_overrides(ns: argparse.Namespace) -> list[str]:
-    import json
-
-    out = []
-    for flag, key in [("kind", "kind"), ("input", "input"), ("out", "out"), ("kb", "kb"), ("db", "db"),
-                      ("aliases", "aliases"), ("corpus", "corpus"), ("tokenizer", "tokenizer"),
-                      ("num_proc", "num_proc"), ("on_error", "on_error"), ("max_examples", "max_examples"),
-                      ("from_hub", "from_hub")]:
-        v = getattr(ns, flag, None)
-        if v is not None:
-            out.append(f"{key}={json.dumps(v) if isinstance(v, str) else v}")
-    if getattr(ns, "allow_network", False):
-        out.append("allow_network=true")
-    return out
 
 
 def cmd_prepare(ns: argparse.Namespace) -> int:
@@ -79,7 +54,7 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
     if ns.help_config:
         print(help_text(PrepConfig))
         return 0
-    cfg = load_config(PrepConfig, ns.config, _flag_overrides(ns) + list(ns.overrides))
+    cfg = load_config(PrepConfig, ns.config, flag_overrides(ns, PrepConfig) + list(ns.overrides))
     if ns.only_shards and ns.finish_only:
         raise ConfigError("--only-shards and --finish-only are separate steps: give one of them")
     if cfg.allow_network:  # e.g. `allow_network: true` in the recipe; nothing has imported huggingface_hub yet

@@ -10,6 +10,10 @@ Commands:
   log       log results dirs whose MLflow run was not logged (--no-mlflow, a dead server, a broken
             store) from their tracking.json: the same run, linked to its training run
 
+Options: every flag of index/run/compare is a field of evaluation/config.py; --config RECIPE (YAML)
+sets any field, key=value arguments after the flags override them (e.g. max_hops=2), and
+`python -m evaluation run --help-config` lists every field with its default.
+
 Methods (RAG; the task is read from the prepared dataset's manifest):
 {methods}
 Entity-linking datasets are evaluated with --method onegen only ([LK] states vs the [SE] index).
@@ -56,30 +60,25 @@ import argparse
 import sys
 from pathlib import Path
 
+from evaluation.config import DEFAULT_COMPARE_STORE, CompareConfig, IndexConfig, RunConfig
+from onegen.config import help_text, load_config
+from onegen.config_flags import add_config_flags, flag_overrides
 from onegen.environment import apply_offline_defaults
 from onegen.errors import ConfigError, OneGenError
-from onegen.methods import METHOD_NAMES, help_lines
+from onegen.methods import help_lines
 from onegen.mlflow_tags import (EVAL_STAGE, TAG_LOGGED_LATER, TAG_REPLACED_BY, TAG_RESULTS_ID, TAG_STAGE,
                                 TAG_TRAIN_RUN)
 
-# = "auto" + onegen.devices.DTYPES / ATTENTIONS (spelled out: `--help` does not import torch; a test checks)
-DTYPE_NAMES = ["auto", "fp32", "bf16", "fp16"]
-ATTN_NAMES = ["auto", "sdpa", "eager", "flash_attention_2"]
-NORMALIZATION_NAMES = ("default", "official")  # = evaluation.metrics.NORMALIZATIONS (a test checks)
-DEFAULT_COMPARE_URI_DB = Path("runs") / "eval" / "mlflow.db"
+CONFIGS = {"index": IndexConfig, "run": RunConfig, "compare": CompareConfig}
 
 
-def _add_precision_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
-                   help="model dtype (default auto: bf16 on a CUDA GPU that supports it, else fp32; on CPU fp32)")
-    p.add_argument("--attn", choices=ATTN_NAMES, default="auto",
-                   help="attention kernel (default auto: flash_attention_2 on CUDA with bf16/fp16 when flash-attn is "
-                        "installed, else sdpa; flash_attention_2 needs bf16/fp16 and CUDA). The resolved dtype and "
-                        "attention are printed, written in the index manifest and logged as MLflow params; an index "
-                        "built in another precision is rebuilt, not reused")
-    p.add_argument("--faiss-fp16", action="store_true",
-                   help="GPU faiss: hold a flat index's vectors in fp16 on the GPUs (half the memory, scores to ~1e-3). "
-                        "On several GPUs the index is sharded (each holds 1/n of it) either way")
+def _config_args(p: argparse.ArgumentParser, cls: type) -> None:
+    """The command's flags (one per field of ``cls``), its recipe, ``--help-config`` and ``key=value``."""
+    add_config_flags(p, cls)
+    p.add_argument("--config", metavar="RECIPE", help="YAML recipe with any of the fields below (flags and key=value "
+                                                      "arguments override it)")
+    p.add_argument("--help-config", action="store_true", help="list every field (recipe key) with its default and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="set any field, e.g. max_hops=2")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,81 +86,29 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__.replace("{methods}", help_lines()),
                                 formatter_class=fmt, allow_abbrev=False)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{index,run,compare,log}")
-
-    pi = sub.add_parser("index", help="build (or reuse) the checkpoint's document index of a prepared dataset",
-                        allow_abbrev=False,
-                        description="Encode every document of PREPARED_DIR/docs with the checkpoint (the final "
-                                    "[RD]/[SE] state, L2-normalised) and write a faiss index dir. A complete index "
-                                    "for the same checkpoint + data + kind is reused; --force rebuilds.")
-    pi.add_argument("--model", required=True, help="exported checkpoint dir (pipeline/train.py OUTPUT/model)")
-    pi.add_argument("--data", required=True, help="prepared dataset dir (data_prep output)")
-    pi.add_argument("--out", required=True, help="index dir to write")
-    pi.add_argument("--kind", choices=["flat", "ivf", "hnsw"], default="flat",
-                    help="flat: exact inner product (default); ivf / hnsw: approximate, for large pools")
-    pi.add_argument("--batch-size", type=int, default=64, help="documents per forward (sorted by length first)")
-    pi.add_argument("--rows", type=int, metavar="N",
-                    help="encode only the documents the first N query rows can retrieve in the distractor setting "
-                         "(their candidates + gold positives): a subset index, recorded in its manifest and used only "
-                         "by runs over at most N rows (default: every document)")
-    pi.add_argument("--device", help="cpu / cuda (default: cuda when available)")
-    _add_precision_args(pi)
-    pi.add_argument("--force", action="store_true", help="rebuild even if a complete index is there")
-    pi.add_argument("--quiet", action="store_true", help="no progress bars")
-
-    pr = sub.add_parser("run", help="evaluate one method on one prepared dataset", formatter_class=fmt, allow_abbrev=False,
-                        description="Answer (RAG) or link (EL) every row of a prepared dataset with the checkpoint "
-                                    "and the chosen retriever; write predictions.jsonl, metrics.json and plots into "
-                                    "RESULTS_DIR and log an MLflow run linked to the training run.")
-    pr.add_argument("--model", required=True, help="exported checkpoint dir")
-    pr.add_argument("--data", required=True, help="prepared dataset dir (its manifest says rag or el)")
-    pr.add_argument("--method", choices=METHOD_NAMES, default="onegen", help="retrieval method (default onegen)")
-    pr.add_argument("--index", help="index dir built by `index` for this checkpoint + data (default: built into "
-                                    "RESULTS_DIR/index when the method needs one)")
-    pr.add_argument("--setting", choices=["distractor", "open"], default="distractor",
-                    help="distractor: rank each question's own candidate paragraphs; open: the whole pool")
-    pr.add_argument("--max-examples", type=int, help="evaluate only the first N rows")
-    pr.add_argument("--out", help="RESULTS_DIR (default runs/eval/<dataset>-<method>-<model>)")
-    pr.add_argument("--kind", choices=["flat", "ivf", "hnsw"], default="flat", help="kind of an index built on the fly")
-    pr.add_argument("--max-new-tokens", type=int, help="most generated tokens per question (RAG default 64; EL "
-                                                       "default 2 x text tokens + 16)")
-    pr.add_argument("--max-hops", type=int, default=4, help="most retrievals per question (RAG)")
-    pr.add_argument("--force-retrieval-every", type=int, metavar="N",
-                    help="insert [RQ] after every N generated tokens instead of letting the model decide (smoke "
-                         "tests of an untrained checkpoint; not a benchmark setting)")
-    pr.add_argument("--k", type=int, default=5, help="documents retrieved per query (top-1 inserted; recall@k)")
-    pr.add_argument("--pipeline-query", choices=["full", "latest", "lead"], default="full",
-                    help="pipelines' query at each [RQ]: full (default) question + all the model wrote; latest: question "
-                         "+ what it wrote since the previous retrieval; lead: that alone (full still names hop 1 at hop 2)")
-    pr.add_argument("--normalization", choices=list(NORMALIZATION_NAMES), default="default",
-                    help="answer normalisation of EM/F1. default: the HotpotQA rules (lower-case, delete punctuation, "
-                         "drop a/an/the, collapse whitespace) plus NFC and deleting Unicode punctuation too (curly "
-                         "quotes, dashes: O’Brien == O'Brien). official: exactly the official HotpotQA script "
-                         "(ASCII string.punctuation only, no NFC), for numbers comparable with published ones")
-    pr.add_argument("--batch-size", type=int, default=32, help="rows per forward of the teacher-forced pass")
-    pr.add_argument("--gen-batch-size", type=int, default=1,
-                    help="questions (RAG) or texts (EL) decoded together, one batched forward per step (default "
-                         "1; same outputs, more per second; s/question is then a throughput, not a latency)")
-    pr.add_argument("--device", help="cpu / cuda (default: cuda when available)")
-    _add_precision_args(pr)
-    pr.add_argument("--tracking-uri", help="MLflow tracking URI, or 'train' for the training run's store "
-                                           "(default $MLFLOW_TRACKING_URI, else sqlite:///<RESULTS_DIR>/../mlflow.db)")
-    pr.add_argument("--experiment", default="onegen", help="MLflow experiment (default onegen)")
-    pr.add_argument("--run-name", help="MLflow run name (default <method>:<dataset>:<model>)")
-    pr.add_argument("--no-mlflow", action="store_true", help="write results to disk only")
-    pr.add_argument("--quiet", action="store_true", help="no progress bars")
-
-    pc = sub.add_parser("compare", help="side-by-side table + chart of the eval runs of an experiment", allow_abbrev=False,
-                        description=f"Print the eval runs (tag {TAG_STAGE}={EVAL_STAGE}) of an MLflow experiment as a "
-                                    "table and write it as a PNG chart (grouped bars) plus CSV and markdown "
-                                    "(same path, .csv / .md).")
-    pc.add_argument("--experiment", default="onegen", help="MLflow experiment (default onegen)")
-    pc.add_argument("--tracking-uri", help=f"MLflow tracking URI (default $MLFLOW_TRACKING_URI, else "
-                                           f"sqlite:///{DEFAULT_COMPARE_URI_DB})")
-    pc.add_argument("--out", default=str(Path("runs") / "eval" / "compare.png"),
-                    help="PNG path (default runs/eval/compare.png); .csv and .md are written beside it")
-    pc.add_argument("--all", action="store_true", help="every run, not only the latest per method/model/dataset")
+    _config_args(sub.add_parser(
+        "index", help="build (or reuse) the checkpoint's document index of a prepared dataset", allow_abbrev=False,
+        description="Encode every document of PREPARED_DIR/docs with the checkpoint (the final [RD]/[SE] state, "
+                    "L2-normalised) and write a faiss index dir. A complete index for the same checkpoint + data + "
+                    "kind is reused; --force rebuilds."), IndexConfig)
+    _config_args(sub.add_parser(
+        "run", help="evaluate one method on one prepared dataset", formatter_class=fmt, allow_abbrev=False,
+        description="Answer (RAG) or link (EL) every row of a prepared dataset with the checkpoint and the chosen "
+                    "retriever; write predictions.jsonl, metrics.json and plots into RESULTS_DIR and log an MLflow "
+                    "run linked to the training run.\n\nMethods:\n" + help_lines()), RunConfig)
+    _config_args(sub.add_parser(
+        "compare", help="side-by-side table + chart of the eval runs of an experiment", allow_abbrev=False,
+        description=f"Print the eval runs (tag {TAG_STAGE}={EVAL_STAGE}) of an MLflow experiment as a table and "
+                    "write it as a PNG chart (grouped bars) plus CSV and markdown (same path, .csv / .md)."),
+        CompareConfig)
     _add_log_parser(sub, fmt)
     return p
+
+
+def _config(ns: argparse.Namespace):
+    """The command's typed config: recipe, then flags, then ``key=value`` arguments."""
+    cls = CONFIGS[ns.cmd]
+    return load_config(cls, ns.config, flag_overrides(ns, cls) + list(ns.overrides))
 
 
 def _add_log_parser(sub, fmt) -> None:
@@ -186,59 +133,50 @@ Exit status 0 when every dir was logged, 2 otherwise.""")
     pl.add_argument("--force", action="store_true", help="log a results dir again even if the store has it")
 
 
-def cmd_index(ns: argparse.Namespace) -> int:
+def cmd_index(cfg: IndexConfig) -> int:
     from evaluation.index import IndexParams
-    from evaluation.precision import LEGACY
     from evaluation.index_reuse import ensure_index
+    from evaluation.precision import LEGACY
 
-    if ns.rows is not None and ns.rows < 1:
-        raise ConfigError(f"--rows must be >= 1, got {ns.rows}")
-    man, built = ensure_index(ns.model, ns.data, ns.out, kind=ns.kind, force=ns.force, device=ns.device,
-                              batch_size=ns.batch_size, progress=not ns.quiet, dtype=ns.dtype, attn=ns.attn,
-                              params=IndexParams(faiss_fp16=ns.faiss_fp16), rows=ns.rows)
+    if cfg.rows is not None and cfg.rows < 1:
+        raise ConfigError(f"--rows must be >= 1, got {cfg.rows}")
+    man, built = ensure_index(cfg.model, cfg.data, cfg.out, kind=cfg.kind, force=cfg.force, device=cfg.device,
+                              batch_size=cfg.batch_size, progress=cfg.progress, dtype=cfg.dtype, attn=cfg.attn,
+                              params=IndexParams(faiss_fp16=cfg.faiss_fp16), rows=cfg.rows)
     dtype, attn = (man.get(k, LEGACY[k]) for k in ("dtype", "attn"))
     sub = man.get("subset")
     what = f"{man['count']} documents" + (f" (the first {sub['rows']} rows' own, of {sub['of_docs']})" if sub else "")
-    print(f"{'built' if built else 'reused'} {ns.out}: {what}, dim {man['dim']}, kind {man['kind']}, "
+    print(f"{'built' if built else 'reused'} {cfg.out}: {what}, dim {man['dim']}, kind {man['kind']}, "
           f"model {man['model_fingerprint'][:12]}, {dtype} + {attn}")
     return 0
 
 
-def cmd_run(ns: argparse.Namespace) -> int:
+def cmd_run(cfg: RunConfig) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from evaluation.run import EvalRequest, run_eval
+    from evaluation.run import run_eval
 
     console = Console(soft_wrap=True)
-    req = EvalRequest(model=Path(ns.model), data=Path(ns.data), method=ns.method,
-                      index=Path(ns.index) if ns.index else None, out=Path(ns.out) if ns.out else None,
-                      setting=ns.setting, max_examples=ns.max_examples, kind=ns.kind, max_new_tokens=ns.max_new_tokens,
-                      max_hops=ns.max_hops, k=ns.k, force_retrieval_every=ns.force_retrieval_every,
-                      device=ns.device, dtype=ns.dtype, attn=ns.attn, faiss_fp16=ns.faiss_fp16,
-                      normalization=ns.normalization, pipeline_query=ns.pipeline_query,
-                      batch_size=ns.batch_size, gen_batch_size=ns.gen_batch_size,
-                      tracking=not ns.no_mlflow, tracking_uri=ns.tracking_uri, experiment=ns.experiment,
-                      run_name=ns.run_name, progress=not ns.quiet)
-    console.print(f"evaluation run: {ns.method} on {ns.data} with {ns.model} ({ns.setting})", markup=False)
-    res = run_eval(req, log=lambda m: console.print(m, highlight=False, markup=False))
+    say = lambda m: console.print(m, highlight=False, markup=False)  # noqa: E731 (paths may hold [ ])
+    say(f"evaluation run: {cfg.method} on {cfg.data} with {cfg.model} ({cfg.setting})")
+    res = run_eval(cfg, log=say)
     head = res.metrics["headline"]
-    t = Table(title=f"{ns.method} · {res.metrics['dataset']} · {res.metrics['task']} (n={head['n']})")
+    t = Table(title=f"{cfg.method} · {res.metrics['dataset']} · {res.metrics['task']} (n={head['n']})")
     t.add_column("metric")
     t.add_column("value", justify="right")
     for k, v in head.items():
         if v is not None and not k.startswith(("recall_at_1_free_hop", "recall_at_1_tf_hop")):
             t.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     console.print(t)
-    say = lambda m: console.print(m, highlight=False, markup=False)  # noqa: E731 (paths may hold [ ])
     say(f"results     {res.out}")
     for name, path in res.files.items():
         say(f"  {name:<12}{path}")
     if res.run_id:
         say(f"MLflow run  {res.run_id} ({res.tracking_uri})")
-        say(f"compare     python -m evaluation compare --experiment {ns.experiment} --tracking-uri {res.tracking_uri}")
+        say(f"compare     python -m evaluation compare --experiment {cfg.experiment} --tracking-uri {res.tracking_uri}")
     # Last, and plain: the quickstart shows `[eval]` lines of a stage's output on its console.
-    print(headline_line(ns.method, head), flush=True)
+    print(headline_line(cfg.method, head), flush=True)
     return 0
 
 
@@ -260,14 +198,14 @@ def headline_line(method: str, head: dict) -> str:
     return f"[eval] {method}: {what} · {_f(head.get('s_per_question'), 3)} s/{unit} (n={head.get('n', '?')})"
 
 
-def cmd_compare(ns: argparse.Namespace) -> int:
+def cmd_compare(cfg: CompareConfig) -> int:
     import os
 
     from evaluation.compare import compare
     from evaluation.tracking import sqlite_uri
 
-    uri = ns.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or sqlite_uri(DEFAULT_COMPARE_URI_DB)
-    compare(uri, ns.experiment, ns.out, all_runs=ns.all)
+    uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or sqlite_uri(DEFAULT_COMPARE_STORE)
+    compare(uri, cfg.experiment, str(cfg.out), all_runs=cfg.all)
     return 0
 
 
@@ -290,7 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     apply_offline_defaults()  # before torch/transformers/mlflow are imported (they read these once)
     ns = _parser().parse_args(argv)
     try:
-        return {"index": cmd_index, "run": cmd_run, "compare": cmd_compare, "log": cmd_log}[ns.cmd](ns)
+        if ns.cmd == "log":
+            return cmd_log(ns)
+        if ns.help_config:
+            print(help_text(CONFIGS[ns.cmd]))
+            return 0
+        return {"index": cmd_index, "run": cmd_run, "compare": cmd_compare}[ns.cmd](_config(ns))
     except OneGenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

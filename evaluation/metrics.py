@@ -28,6 +28,9 @@ import unicodedata
 from collections import Counter
 from typing import Any, Hashable, Iterable, Mapping, Sequence
 
+# Answer normalisations (``evaluation run --normalization``): ours, and the official HotpotQA script's.
+from evaluation.config import NORMALIZATIONS
+
 # Kept equal to data_prep.records.NIL_ID (a test checks it); duplicated so that importing the
 # metrics never pulls in data_prep.
 NIL_ID = "<NIL>"
@@ -35,8 +38,6 @@ NIL_ID = "<NIL>"
 _ASCII_PUNCT = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _SPECIAL_ANSWERS = frozenset({"yes", "no", "noanswer"})
-# Answer normalisations (``evaluation run --normalization``): ours, and the official HotpotQA script's.
-NORMALIZATIONS = ("default", "official")
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from data_prep.records import Document
+from evaluation.config import PIPELINE_QUERIES  # what a pipeline retriever is queried with
 from evaluation.index import DocIndex, Hits
 from onegen.devices import default_device
 from onegen.errors import ConfigError
@@ -62,10 +63,6 @@ class RetrievalStep:
         if form == "lead":
             return latest or self.question
         raise ConfigError(f"pipeline query {form!r}: choose one of {list(PIPELINE_QUERIES)}")
-
-
-# What a pipeline retriever is queried with (evaluation run --pipeline-query).
-PIPELINE_QUERIES = ("full", "latest", "lead")
 
 
 @runtime_checkable

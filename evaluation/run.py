@@ -37,10 +37,11 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from evaluation.config import NORMALIZATIONS, PIPELINE_QUERIES, SETTINGS, RunConfig
 from evaluation.index_reuse import check_given_index, ensure_index
 from onegen.errors import ConfigError
 from onegen.methods import METHODS
@@ -48,42 +49,9 @@ from onegen.mlflow_tags import (EVAL_STAGE, TAG_DATASET, TAG_METHOD, TAG_MODE, T
                                 TAG_STAGE, TAG_TASK, TAG_TRAIN_RUN, TAG_TRAIN_STORE)
 from onegen.runlock import DirLock
 
-NORMALIZATIONS = ("default", "official")  # = evaluation.metrics.NORMALIZATIONS (a test checks)
-
-
 # --------------------------------------------------------------------------------------------
 # Run
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EvalRequest:
-    model: Path
-    data: Path
-    method: str = "onegen"
-    index: Path | None = None
-    out: Path | None = None
-    setting: str = "distractor"
-    max_examples: int | None = None
-    kind: str = "flat"
-    max_new_tokens: int | None = None
-    max_hops: int = 4
-    k: int = 5
-    force_retrieval_every: int | None = None
-    device: str | None = None
-    dtype: str = "auto"  # auto / fp32 / bf16 / fp16 (auto: bf16 on a bf16-capable GPU, else fp32)
-    attn: str = "auto"  # auto / sdpa / eager / flash_attention_2 (auto: flash-attn on CUDA when installed)
-    faiss_fp16: bool = False  # GPU faiss: vectors held in fp16 on the GPUs (flat)
-    normalization: str = "default"  # EM/F1 answer normalisation: default / official (evaluation.metrics)
-    pipeline_query: str = "full"  # what a pipeline retriever is queried with (evaluation.retrievers.PIPELINE_QUERIES)
-    batch_size: int = 32
-    gen_batch_size: int = 1
-    tracking: bool = True
-    tracking_uri: str | None = None
-    experiment: str = "onegen"
-    run_name: str | None = None
-    progress: bool = True
-    extra_params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -102,7 +70,7 @@ def model_label(model_dir: str | Path) -> str:
     return f"{p.parent.name}/{p.name}" if p.name in ("model", "export", "final") else p.name
 
 
-def default_out(req: EvalRequest) -> Path:
+def default_out(req: RunConfig) -> Path:
     safe = model_label(req.model).replace("/", "-")
     return Path("runs") / "eval" / f"{Path(req.data).resolve().name}-{req.method}-{safe}"
 
@@ -135,18 +103,18 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
 
 
-def _check_request(req: EvalRequest, task: str | None = None, data_dir: Path | None = None) -> None:
+def _check_request(req: RunConfig, task: str | None = None, data_dir: Path | None = None) -> None:
     """Refuse a request that cannot run: its values, then (given the dataset's task) the method."""
     if task is None:
         if req.method not in METHODS:
             raise ConfigError(f"--method {req.method!r}: choose one of {list(METHODS)}")
-        if req.setting not in ("distractor", "open"):
-            raise ConfigError(f"--setting {req.setting!r}: choose distractor or open")
+        if req.setting not in SETTINGS:
+            raise ConfigError(f"--setting {req.setting!r}: choose one of {list(SETTINGS)}")
         if req.normalization not in NORMALIZATIONS:
             raise ConfigError(f"--normalization {req.normalization!r}: choose one of {list(NORMALIZATIONS)} (default: "
                               f"HotpotQA's rules + NFC + Unicode punctuation; official: the HotpotQA script exactly)")
-        if req.pipeline_query not in ("full", "latest", "lead"):  # = retrievers.PIPELINE_QUERIES (torch-free here)
-            raise ConfigError(f"--pipeline-query {req.pipeline_query!r}: choose full, latest or lead")
+        if req.pipeline_query not in PIPELINE_QUERIES:
+            raise ConfigError(f"--pipeline-query {req.pipeline_query!r}: choose one of {list(PIPELINE_QUERIES)}")
         for flag, value in (("--max-examples", req.max_examples), ("--gen-batch-size", req.gen_batch_size)):
             if value is not None and value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
@@ -159,7 +127,7 @@ def _check_request(req: EvalRequest, task: str | None = None, data_dir: Path | N
         raise ConfigError(f"{data_dir}: unknown task {task!r} in its manifest")
 
 
-def _tracker(req: EvalRequest, out: Path, task: str, model_dir: Path, mode: str, log):
+def _tracker(req: RunConfig, out: Path, task: str, model_dir: Path, mode: str, log):
     """The eval run's MLflow tracker (tags, link to the training run, this results dir's id); its store URI.
 
     With ``--no-mlflow`` the tracker only records: ``tracking.json`` names the store the run would have
@@ -188,7 +156,7 @@ def _tracker(req: EvalRequest, out: Path, task: str, model_dir: Path, mode: str,
     return tracker, uri if req.tracking else None, train_run_id
 
 
-def run_eval(req: EvalRequest, log: Callable[[str], None] = print) -> EvalOutcome:
+def run_eval(req: RunConfig, log: Callable[[str], None] = print) -> EvalOutcome:
     """Evaluate one checkpoint with one method on one prepared dataset (see the module docstring)."""
     from evaluation.checks import preflight
     from evaluation.precision import resolve_precision
@@ -215,7 +183,7 @@ def run_eval(req: EvalRequest, log: Callable[[str], None] = print) -> EvalOutcom
         return _run_locked(req, out, task, dman, mman, ocfg, prec, index_dir, needs_index, log)
 
 
-def _run_locked(req: EvalRequest, out: Path, task: str, dman: dict, mman: dict, ocfg: dict, prec: dict,
+def _run_locked(req: RunConfig, out: Path, task: str, dman: dict, mman: dict, ocfg: dict, prec: dict,
                 index_dir: Path | None, needs_index: bool, log: Callable[[str], None]) -> EvalOutcome:
     """``run_eval`` once it holds the results dir: the tracked run."""
     model_dir, data_dir = Path(req.model), Path(req.data)
@@ -252,7 +220,7 @@ def _run_locked(req: EvalRequest, out: Path, task: str, dman: dict, mman: dict, 
                        tracker.nested)
 
 
-def _load(req: EvalRequest, out: Path, task: str, ocfg: dict, index_dir: Path | None, needs_index: bool,
+def _load(req: RunConfig, out: Path, task: str, ocfg: dict, index_dir: Path | None, needs_index: bool,
           log) -> tuple[Any, Any, Any, dict[str, Any]]:
     """The runtime, the prepared data and (when the method needs one) the opened index; run params."""
     from evaluation.index import IndexParams, open_index
@@ -283,7 +251,7 @@ def _load(req: EvalRequest, out: Path, task: str, ocfg: dict, index_dir: Path | 
     return rt, data, idx, params
 
 
-def _run(req: EvalRequest, out: Path, task: str, dman: dict, mman: dict, ocfg: dict, index_dir: Path | None,
+def _run(req: RunConfig, out: Path, task: str, dman: dict, mman: dict, ocfg: dict, index_dir: Path | None,
          needs_index: bool, tracker, log) -> dict:
     from evaluation import plots
     from evaluation.tasks import el_part, rag_part

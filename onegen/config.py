@@ -99,6 +99,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise FieldError(where, f"expected a string, got {value!r}")
+    if tp is Path:
+        if isinstance(value, (str, Path)) and str(value):
+            return Path(value)
+        raise FieldError(where, f"expected a path, got {value!r}")
     return value
 
 
@@ -106,7 +110,7 @@ def _type_word(tp: Any) -> str:
     """How an error names a type: ``an integer``, ``one of ['auto']``."""
     if typing.get_origin(tp) is typing.Literal:
         return f"one of {list(typing.get_args(tp))}"
-    words = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}
+    words = {int: "an integer", float: "a number", str: "a string", bool: "true/false", Path: "a path"}
     return words.get(tp, getattr(tp, "__name__", str(tp)))
 
 
@@ -136,6 +140,10 @@ def _from_dict(cls: type[T], data: dict[str, Any], path: str) -> T:
         if key not in types_:
             raise FieldError(_join(path, key), _unknown_reason(cls, key))
         kwargs[key] = _coerce(value, types_[key], _join(path, key))
+    for f in dataclasses.fields(cls):
+        if f.init and f.name not in kwargs and f.default is dataclasses.MISSING \
+                and f.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+            raise FieldError(_join(path, f.name), "required and not set: give its flag, a recipe key or key=value")
     return cls(**kwargs)
 
 

@@ -60,7 +60,7 @@ def _no_leaked_tracking_uri():
 # The unit tier (`pytest -m unit`): files that test pure parts (roles and labels, the loss, the collator
 # and its negatives, the data plan, KV bookkeeping, metrics, bootstrap intervals, mining, config errors).
 UNIT_FILES = {"test_roles.py", "test_loss.py", "test_collator.py", "test_plan_kv.py", "test_metrics.py",
-              "test_bootstrap.py", "test_mining.py", "test_config.py"}
+              "test_bootstrap.py", "test_mining.py", "test_config.py", "test_config_flags.py"}
 
 
 def pytest_collection_modifyitems(config, items):

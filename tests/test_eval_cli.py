@@ -85,12 +85,15 @@ def test_help_explains_commands_and_methods():
 def test_method_registry_is_the_one_list():
     """``onegen.methods`` names the methods once: each builds a retriever evaluation has, and the CLI,
     ``compare``'s order and the quickstart's rows are read from it."""
-    from evaluation import cli, compare
+    import typing
+
+    from evaluation import compare
+    from evaluation.config import MethodName
     from evaluation.retrievers import RETRIEVERS
     from onegen.methods import METHODS as REGISTRY
     from onegen.quickstart import GIT_GENERATOR, SAME_GENERATOR
 
-    assert list(REGISTRY) == METHODS == cli.METHOD_NAMES == compare.METHOD_ORDER
+    assert list(REGISTRY) == METHODS == list(typing.get_args(MethodName)) == compare.METHOD_ORDER
     assert {m.retriever for m in REGISTRY.values()} == set(RETRIEVERS)
     assert [n for n, m in REGISTRY.items() if m.own_index] == ["onegen", "two-pass"]
     assert [label for label, _, _ in SAME_GENERATOR] == METHODS
@@ -277,10 +280,10 @@ def test_eval_experiment_opens_on_its_runs_table(env, runs):
 
 
 def test_normalization_flag_reaches_scores_metrics_and_mlflow(env, runs, capsys):
-    from evaluation import metrics, run as run_mod
-    from evaluation.cli import NORMALIZATION_NAMES
+    from evaluation import metrics
+    from evaluation.config import NORMALIZATIONS
 
-    assert list(NORMALIZATION_NAMES) == list(metrics.NORMALIZATIONS) == list(run_mod.NORMALIZATIONS)
+    assert set(NORMALIZATIONS) == {"default", "official"} and metrics.NORMALIZATIONS is NORMALIZATIONS
     out = env["base"] / "official"
     assert main(["run", "--model", str(env["linked"]), "--data", str(env["world"] / "rag_dev"), "--method", "no-retrieval",
                  "--max-examples", "2", "--max-new-tokens", "4", "--normalization", "official", "--out", str(out),
@@ -295,12 +298,12 @@ def test_normalization_flag_reaches_scores_metrics_and_mlflow(env, runs, capsys)
     with pytest.raises(SystemExit) as e:
         main(["run", "--model", str(env["linked"]), "--data", str(env["world"] / "rag_dev"), "--normalization", "squad"])
     assert e.value.code == 2 and "invalid choice: 'squad'" in capsys.readouterr().err
-    from evaluation.run import EvalRequest, run_eval
+    from evaluation.run import RunConfig, run_eval
     from onegen.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"--normalization 'squad': choose one of \['default', 'official'\]"):
-        run_eval(EvalRequest(model=env["linked"], data=env["world"] / "rag_dev", normalization="squad", tracking=False,
-                             out=env["base"] / "bad_norm"))
+        run_eval(RunConfig(model=env["linked"], data=env["world"] / "rag_dev", normalization="squad", tracking=False,
+                           out=env["base"] / "bad_norm"))
     help_text = subprocess.run([sys.executable, "-m", "evaluation", "run", "--help"], cwd=ROOT, capture_output=True,
                                text=True, timeout=60).stdout
     assert "--normalization {default,official}" in help_text and "string.punctuation only, no NFC" in " ".join(help_text.split())

@@ -13,7 +13,10 @@ import pytest
 import torch
 
 from evaluation import index as index_mod
-from evaluation.cli import ATTN_NAMES, DTYPE_NAMES, _parser, main
+import typing
+
+from evaluation.cli import _config, _parser, main
+from evaluation.config import Attn, Dtype
 from evaluation.index import IndexParams, build_index, gpu_cloner_options, open_index
 from evaluation.precision import resolve_precision
 from evaluation.index_reuse import existing_index_ok
@@ -31,17 +34,17 @@ def _manifest(d) -> dict:
 
 
 def test_cli_choices_are_those_of_onegen_devices():
-    assert DTYPE_NAMES == ["auto", *devices.DTYPES]
-    assert ATTN_NAMES == list(devices.ATTENTIONS)
+    assert list(typing.get_args(Dtype)) == ["auto", *devices.DTYPES]
+    assert list(typing.get_args(Attn)) == list(devices.ATTENTIONS)
 
 
 @pytest.mark.parametrize("cmd", ["index", "run"])
 def test_flags_parse_and_help_states_the_default(cmd, capsys):
     base = ["--model", "M", "--data", "D"] + (["--out", "O"] if cmd == "index" else [])
-    ns = _parser().parse_args([cmd, *base])
-    assert (ns.dtype, ns.attn, ns.faiss_fp16) == ("auto", "auto", False)
-    ns = _parser().parse_args([cmd, *base, "--dtype", "bf16", "--attn", "flash_attention_2", "--faiss-fp16"])
-    assert (ns.dtype, ns.attn, ns.faiss_fp16) == ("bf16", "flash_attention_2", True)
+    cfg = _config(_parser().parse_args([cmd, *base]))
+    assert (cfg.dtype, cfg.attn, cfg.faiss_fp16) == ("auto", "auto", False)
+    cfg = _config(_parser().parse_args([cmd, *base, "--dtype", "bf16", "--attn", "flash_attention_2", "--faiss-fp16"]))
+    assert (cfg.dtype, cfg.attn, cfg.faiss_fp16) == ("bf16", "flash_attention_2", True)
     with pytest.raises(SystemExit):
         _parser().parse_args([cmd, *base, "--dtype", "fp64"])
     with pytest.raises(SystemExit):
