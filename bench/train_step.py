@@ -23,11 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from onegen.stages import stage_env
-
-ROOT = Path(__file__).resolve().parent.parent
-# The smallest model, under the --model overrides (which set all four by default).
-TINY_MODEL = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1", "model.num_heads=2"]
+from onegen.stages import ROOT, stage_env
+from onegen.tiny_train import train_cmd
 
 
 def env() -> dict:
@@ -35,18 +32,6 @@ def env() -> dict:
     e = stage_env()
     e.pop("MLFLOW_TRACKING_URI", None)
     return e
-
-
-def train_cmd(launcher: str, data: Path, out: Path, *overrides: str) -> list[str]:
-    """The trainer on ``data`` (tiny-cpu recipe, no eval) as one process (python) or two ranks (torchrun)."""
-    args = ["--config", str(ROOT / "configs" / "tiny-cpu.yaml"), f"data.train=[{data}]", "data.eval=[]",
-            f"output_dir={out}", *TINY_MODEL, *overrides]
-    script = str(ROOT / "pipeline" / "train.py")
-    if launcher == "python":
-        return [sys.executable, script, *args]
-    if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *args]
-    raise ValueError(launcher)
 
 
 def run(launcher: str, data: Path, out: Path, steps: int, mode: str, model: list[str], extra: tuple[str, ...] = ()) -> dict:

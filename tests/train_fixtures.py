@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from onegen import tiny_train
+from onegen.tiny_train import TINY_MODEL  # noqa: F401  (the tests' model overrides)
 
-TINY_MODEL = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1", "model.num_heads=2"]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_world(out: Path, questions: int = 120) -> Path:
@@ -37,16 +37,8 @@ def env() -> dict:
 
 
 def train_cmd(launcher: str, world: Path, out: Path, *overrides: str) -> list[str]:
-    args = ["--config", str(ROOT / "configs" / "tiny-cpu.yaml"), f"data.train=[{world / 'rag_train'}]", "data.eval=[]",
-            f"output_dir={out}", *TINY_MODEL, *overrides]
-    script = str(ROOT / "pipeline" / "train.py")
-    if launcher == "python":
-        return [sys.executable, script, *args]
-    if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *args]
-    if launcher == "deepspeed":
-        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", script, *args]
-    raise ValueError(launcher)
+    """The trainer on ``world``'s RAG training set (onegen.tiny_train: the tiny-cpu recipe, the smallest model)."""
+    return tiny_train.train_cmd(launcher, world / "rag_train", out, *overrides)
 
 
 def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
