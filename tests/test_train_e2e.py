@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from tests.train_fixtures import make_world, run, train_cmd
@@ -18,6 +19,12 @@ def world(tmp_path_factory):
 
 def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(model_dir) -> dict:
+    from safetensors.numpy import load_file
+
+    return {k: v for f in sorted(model_dir.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
 
 def _check_export(model_dir, world):
@@ -44,11 +51,17 @@ def test_one_rank_trains_checkpoints_resumes_and_exports(world, tmp_path):
     for key in ("loss", "loss_gen", "loss_ret", "lr", "grad_norm", "tokens_per_s", "ret_acc"):
         assert key in _metrics(out)[-1], key
     _check_export(out / "model", world)
+    first_weights = _weights(out / "model")
 
     # the same command with a later end resumes from the last complete checkpoint
     second = run(train_cmd("python", world, out, "optim.max_steps=6", "checkpoint_every=2", "optim.micro_batch_size=4"))
     assert "resuming from step-000004" in second.stdout
     assert [m["step"] for m in _metrics(out)] == [1, 2, 3, 4, 5, 6]
+    # it trained: the generation loss fell over the six steps, and steps 5-6 changed every trained matrix
+    losses = [m["loss_gen"] for m in _metrics(out)]
+    assert losses[-1] < losses[0], losses
+    changed = {k for k, v in _weights(out / "model").items() if not np.array_equal(v, first_weights[k])}
+    assert {k for k in first_weights if k.endswith("proj.weight")} <= changed, sorted(set(first_weights) - changed)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["step"] == 6 and summary["mlflow_run_id"]
     # keep_checkpoints=2: only the two newest complete checkpoints remain
