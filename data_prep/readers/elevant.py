@@ -28,7 +28,7 @@ from pathlib import Path
 from onegen.errors import InputError
 
 from ..records import NIL_ID, Dataset, Document, LinkingExample, Mention
-from .errors import ErrorPolicy, resolve_policy
+from .errors import ErrorPolicy, RecordPass, resolve_policy
 from .jsonio import RawRecord, iter_records
 
 NIL_MARKERS = ("<NIL>", "<NO_MAPPING>")
@@ -125,28 +125,17 @@ def _mention_notes(examples: list[LinkingExample]) -> list[str]:
 def read_elevant(path: str | Path, policy: ErrorPolicy | None = None, kb_path: str | Path | None = None) -> Dataset:
     """Read an ELEVANT ``*.benchmark.jsonl``; entity documents come from ``kb_path`` or, failing that, the labels."""
     policy = resolve_policy(policy)
+    run = RecordPass(policy)
     examples: list[LinkingExample] = []
     names: dict[str, str] = {}
-    first_seen: dict[str, int] = {}
-    tally: Counter = Counter()
-    quarantined_before = policy.count
-    for rec in iter_records(path, policy):
-        record_tally: Counter = Counter()
-        try:
-            example, record_names = parse_elevant_record(rec, record_tally)
-            if example.example_id in first_seen:
-                raise rec.error("id", f"duplicate document id (first seen at line {first_seen[example.example_id]})")
-        except InputError as err:
-            policy.handle(err)
-            continue
-        first_seen[example.example_id] = rec.line
-        tally.update(record_tally)
+    for example, record_names in run.parse(iter_records(path, policy), parse_elevant_record, lambda p: p[0].example_id,
+                                           "id", "duplicate document id (first seen at line {line})"):
         for eid, name in record_names.items():
             if names.setdefault(eid, name) != name:
-                tally["entity ids labelled with different names (first name kept)"] += 1
+                run.tally["entity ids labelled with different names (first name kept)"] += 1
         examples.append(example)
 
-    notes = _mention_notes(examples) + [f"{n} {stem}" for stem, n in sorted(tally.items())]
+    notes = _mention_notes(examples) + run.tally_notes()
     if kb_path is not None:
         documents = read_entity_kb(kb_path, policy)
         missing = sorted(set(names) - set(documents))
@@ -155,6 +144,5 @@ def read_elevant(path: str | Path, policy: ErrorPolicy | None = None, kb_path: s
     else:
         documents = _fallback_kb(names)
         notes.append(FALLBACK_KB_NOTE)
-    if policy.count > quarantined_before:
-        notes.append(f"{policy.count - quarantined_before} records quarantined (error policy skip)")
+    notes += run.quarantine_notes()
     return Dataset(task="el", examples=examples, documents=documents, source="elevant", notes=notes)

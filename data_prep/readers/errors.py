@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from onegen.errors import InputError
+
+if TYPE_CHECKING:
+    from .jsonio import RawRecord
+
+T = TypeVar("T")
 
 MODES = ("fail", "skip")
 
@@ -52,3 +60,48 @@ class ErrorPolicy:
 
 def resolve_policy(policy: ErrorPolicy | None) -> ErrorPolicy:
     return policy if policy is not None else ErrorPolicy("fail")
+
+
+class RecordPass:
+    """One reader's pass over its records under ``policy``: each record parsed, one that fails or repeats
+    an earlier record's id handed to the policy (raised, or quarantined and passed over), and the notes
+    that end every reader's Dataset: what its records counted, then how many records were quarantined
+    since the pass began (a KB or db the reader reads with the same policy counts too)."""
+
+    def __init__(self, policy: ErrorPolicy) -> None:
+        self.policy = policy
+        self.tally: Counter = Counter()  # note stem -> count over the records kept ("3 <stem>")
+        self.quarantined_before = policy.count
+
+    def parse(
+        self,
+        records: Iterable[RawRecord],
+        parse: Callable[[RawRecord, Counter], T],
+        record_id: Callable[[T], str],
+        id_field: str,
+        duplicate: str,
+    ) -> Iterator[T]:
+        """``parse(rec, tally)`` of each good record, whose ``tally`` then counts in ``self.tally``. A
+        record whose ``record_id`` came before is an error at ``id_field``; ``duplicate`` is its reason,
+        with ``{where}`` and ``{line}`` of the first one."""
+        first_seen: dict[str, int] = {}
+        for rec in records:
+            tally: Counter = Counter()
+            try:
+                parsed = parse(rec, tally)
+                key = record_id(parsed)
+                if key in first_seen:
+                    raise rec.error(id_field, duplicate.format(where=rec.where, line=first_seen[key]))
+            except InputError as err:
+                self.policy.handle(err)
+                continue
+            first_seen[key] = rec.line
+            self.tally.update(tally)
+            yield parsed
+
+    def tally_notes(self) -> list[str]:
+        return [f"{n} {stem}" for stem, n in sorted(self.tally.items())]
+
+    def quarantine_notes(self) -> list[str]:
+        n = self.policy.count - self.quarantined_before
+        return [f"{n} records quarantined (error policy skip)"] if n > 0 else []

@@ -21,10 +21,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from onegen.errors import InputError
-
 from ..records import Dataset, Document, MultiHopExample
-from .errors import ErrorPolicy, resolve_policy
+from .errors import ErrorPolicy, RecordPass, resolve_policy
 from .jsonio import RawRecord, iter_records
 
 
@@ -52,13 +50,8 @@ class DocumentPool:
 
 
 def _paragraphs(rec: RawRecord) -> list[tuple[str, list[str]]]:
-    context = rec.get("context", list)
     out = []
-    for i, item in enumerate(context):
-        where = f"context[{i}]"
-        rec.check(item, list, where)
-        if len(item) != 2:
-            raise rec.error(where, f"expected [title, [sentences]], got a list of {len(item)} items")
+    for where, item in rec.fixed_lists("context", "[title, [sentences]]", 2):
         title = rec.check(item[0], str, f"{where}[0]")
         sentences = rec.check(item[1], list, f"{where}[1]")
         for j, s in enumerate(sentences):
@@ -72,15 +65,8 @@ def _paragraphs(rec: RawRecord) -> list[tuple[str, list[str]]]:
 
 
 def _supporting_facts(rec: RawRecord) -> list[tuple[str, int]]:
-    facts = rec.get("supporting_facts", list)
-    out = []
-    for i, item in enumerate(facts):
-        where = f"supporting_facts[{i}]"
-        rec.check(item, list, where)
-        if len(item) != 2:
-            raise rec.error(where, f"expected [title, sent_id], got a list of {len(item)} items")
-        out.append((rec.check(item[0], str, f"{where}[0]"), rec.check(item[1], int, f"{where}[1]")))
-    return out
+    return [(rec.check(item[0], str, f"{where}[0]"), rec.check(item[1], int, f"{where}[1]"))
+            for where, item in rec.fixed_lists("supporting_facts", "[title, sent_id]", 2)]
 
 
 def parse_multihop_record(rec: RawRecord, *, require_gold_in_context: bool = True) -> ParsedMultiHop:
@@ -156,33 +142,27 @@ def build_multihop_dataset(
     source: str,
 ) -> Dataset:
     """Parse every record, reject duplicates of ``_id``, pool the paragraphs and write the notes."""
+    run = RecordPass(policy)
     pool = DocumentPool()
     examples: list[MultiHopExample] = []
-    first_seen: dict[str, int] = {}
-    tally: Counter = Counter()
-    quarantined_before = policy.count
-    for rec in records:
-        try:
-            parsed = parse(rec)
-            ex = parsed.example
-            if ex.example_id in first_seen:
-                raise rec.error("_id", f"duplicate _id (first seen at {rec.where} {first_seen[ex.example_id]})")
-        except InputError as err:
-            policy.handle(err)
-            continue
-        first_seen[ex.example_id] = rec.line
+
+    def parse_counted(rec: RawRecord, tally: Counter) -> ParsedMultiHop:
+        parsed = parse(rec)
+        tally.update(parsed.tally)
+        return parsed
+
+    for parsed in run.parse(records, parse_counted, lambda p: p.example.example_id, "_id",
+                            "duplicate _id (first seen at {where} {line})"):
         for doc in parsed.documents:
             pool.add(doc)
-        tally.update(parsed.tally)
-        examples.append(ex)
+        examples.append(parsed.example)
 
-    notes = [f"{n} {stem}" for stem, n in sorted(tally.items())]
+    notes = run.tally_notes()
     if pool.conflicts:
         notes.append(
             f"{pool.conflicts} paragraphs share a title with an earlier example's paragraph but differ in text (first kept)"
         )
-    if policy.count > quarantined_before:
-        notes.append(f"{policy.count - quarantined_before} records quarantined (error policy skip)")
+    notes += run.quarantine_notes()
     return Dataset(task="rag", examples=examples, documents=pool.documents, source=source, notes=notes)
 
 

@@ -118,6 +118,16 @@ class RawRecord:
             return default
         return self.check(self.data[name], types, name)
 
+    def fixed_lists(self, name: str, shape: str, size: int) -> Iterator[tuple[str, list]]:
+        """The items of required list field ``name``, each a list of ``size`` (``shape`` shows it in the
+        error, e.g. "[title, sent_id]"), with its place ("context[3]"); checked one at a time, in order."""
+        for i, item in enumerate(self.get(name, list)):
+            where = f"{name}[{i}]"
+            self.check(item, list, where)
+            if len(item) != size:
+                raise self.error(where, f"expected {shape}, got a list of {len(item)} items")
+            yield where, item
+
     def text(self, name: str) -> str:
         """A required, non-empty (after stripping) string field."""
         value = self.get(name, str)

@@ -33,7 +33,7 @@ from typing import Any
 from onegen.errors import InputError
 
 from ..records import Dataset, Document, MultiHopExample
-from .errors import ErrorPolicy, resolve_policy
+from .errors import ErrorPolicy, RecordPass, resolve_policy
 from .jsonio import RawRecord, iter_records
 
 DB_ID_FIELDS = ("uid", "id", "doc_id", "_id")
@@ -246,27 +246,16 @@ def read_onegen_reference(
 ) -> Dataset:
     """Read OneGen's released ``train.jsonl`` against its ``db.jsonl``."""
     policy, fmt = resolve_policy(policy), fmt or OneGenRefFormat()
-    quarantined_before = policy.count
+    run = RecordPass(policy)  # the db's quarantined records count in its note too
     db = read_reference_db(db_path, policy, fmt)
-    examples: list[MultiHopExample] = []
-    first_seen: dict[str, int] = {}
-    tally: Counter = Counter()
-    for rec in iter_records(train_path, policy):
-        record_tally: Counter = Counter()
-        try:
-            ex = parse_reference_record(rec, db, fmt, record_tally)
-            if ex.example_id in first_seen:
-                raise rec.error("id", f"duplicate example id (first seen at line {first_seen[ex.example_id]})")
-        except InputError as err:
-            policy.handle(err)
-            continue
-        first_seen[ex.example_id] = rec.line
-        tally.update(record_tally)
-        examples.append(ex)
 
-    notes = [f"{n} {stem}" for stem, n in sorted(tally.items())]
+    def parse(rec: RawRecord, tally: Counter) -> MultiHopExample:
+        return parse_reference_record(rec, db, fmt, tally)
+
+    examples = list(run.parse(iter_records(train_path, policy), parse, lambda ex: ex.example_id, "id",
+                              "duplicate example id (first seen at line {line})"))
+    notes = run.tally_notes()
     if db.shared_texts:
         notes.append(f"{db.shared_texts} db documents repeat an earlier document's text (paragraph matching picks the first id)")
-    if policy.count > quarantined_before:
-        notes.append(f"{policy.count - quarantined_before} records quarantined (error policy skip)")
+    notes += run.quarantine_notes()
     return Dataset(task="rag", examples=examples, documents=db.documents, source="onegen", notes=notes)

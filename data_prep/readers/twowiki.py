@@ -52,13 +52,11 @@ def read_answer_aliases(path: str | Path, policy: ErrorPolicy | None = None) -> 
 
 
 def _evidences(rec: RawRecord) -> list[list[str]]:
-    evidences = rec.get("evidences", list)
-    for i, triple in enumerate(evidences):
-        rec.check(triple, list, f"evidences[{i}]")
-        if len(triple) != 3:
-            raise rec.error(f"evidences[{i}]", f"expected [subject, relation, object], got a list of {len(triple)} items")
+    evidences = []
+    for where, triple in rec.fixed_lists("evidences", "[subject, relation, object]", 3):
         for j, part in enumerate(triple):
-            rec.check(part, str, f"evidences[{i}][{j}]")
+            rec.check(part, str, f"{where}[{j}]")
+        evidences.append(triple)
     return evidences
 
 
