@@ -72,6 +72,23 @@ def _run_id(results: Path) -> str:
     return json.loads((results / "manifest.json").read_text())["mlflow_run_id"]
 
 
+def _run_option(env, out: Path, method: str, examples: int, *option: str) -> tuple[dict, dict]:
+    """`evaluation run` of the linked model on rag_dev with ``option`` (4 new tokens, logged to the
+    store): its metrics.json and its MLflow run's params."""
+    assert main(["run", "--model", str(env["linked"]), "--data", str(env["world"] / "rag_dev"), "--method", method,
+                 "--max-examples", str(examples), "--max-new-tokens", "4", *option, "--out", str(out),
+                 "--tracking-uri", env["uri"], "--quiet"]) == 0
+    return json.loads((out / "metrics.json").read_text()), env["client"].get_run(_run_id(out)).data.params
+
+
+def _assert_invalid_choice(env, capsys, flag: str, value: str) -> None:
+    """`evaluation run FLAG VALUE` stops at the command line: exit 2, argparse's 'invalid choice'."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--model", str(env["linked"]), "--data", str(env["world"] / "rag_dev"), flag, value])
+    assert e.value.code == 2 and f"invalid choice: '{value}'" in capsys.readouterr().err
+
+
 def test_help_explains_commands_and_methods():
     p = subprocess.run([sys.executable, "-m", "evaluation", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
@@ -285,19 +302,13 @@ def test_normalization_flag_reaches_scores_metrics_and_mlflow(env, runs, capsys)
 
     assert set(NORMALIZATIONS) == {"default", "official"} and metrics.NORMALIZATIONS is NORMALIZATIONS
     out = env["base"] / "official"
-    assert main(["run", "--model", str(env["linked"]), "--data", str(env["world"] / "rag_dev"), "--method", "no-retrieval",
-                 "--max-examples", "2", "--max-new-tokens", "4", "--normalization", "official", "--out", str(out),
-                 "--tracking-uri", env["uri"], "--quiet"]) == 0
-    m = json.loads((out / "metrics.json").read_text())
+    m, params = _run_option(env, out, "no-retrieval", 2, "--normalization", "official")
     assert m["normalization"] == "official" and m["summary"]["normalization"] == "official"
     assert json.loads((out / "manifest.json").read_text())["normalization"] == "official"
-    assert env["client"].get_run(_run_id(out)).data.params["normalization"] == "official"
+    assert params["normalization"] == "official"
     assert json.loads((runs["onegen"] / "metrics.json").read_text())["normalization"] == "default"
     assert env["client"].get_run(_run_id(runs["onegen"])).data.params["normalization"] == "default"
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main(["run", "--model", str(env["linked"]), "--data", str(env["world"] / "rag_dev"), "--normalization", "squad"])
-    assert e.value.code == 2 and "invalid choice: 'squad'" in capsys.readouterr().err
+    _assert_invalid_choice(env, capsys, "--normalization", "squad")
     from evaluation.run import RunConfig, run_eval
     from onegen.errors import ConfigError
 
@@ -368,14 +379,7 @@ def test_pipeline_query_forms():
 
 
 def test_pipeline_query_flag_reaches_the_retriever_metrics_and_mlflow(env, capsys):
-    out = env["base"] / "lead-query"
-    assert main(["run", "--model", str(env["linked"]), "--data", str(env["world"] / "rag_dev"), "--method", "pipeline-bm25",
-                 "--max-examples", "3", "--max-new-tokens", "4", "--pipeline-query", "lead", "--out", str(out),
-                 "--tracking-uri", env["uri"], "--quiet"]) == 0
-    m = json.loads((out / "metrics.json").read_text())
+    m, params = _run_option(env, env["base"] / "lead-query", "pipeline-bm25", 3, "--pipeline-query", "lead")
     assert m["pipeline_query"] == "lead" and m["teacher_forced"]["query"] == "lead"
-    assert env["client"].get_run(_run_id(out)).data.params["pipeline_query"] == "lead"
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main(["run", "--model", str(env["linked"]), "--data", str(env["world"] / "rag_dev"), "--pipeline-query", "hyde"])
-    assert e.value.code == 2 and "invalid choice: 'hyde'" in capsys.readouterr().err
+    assert params["pipeline_query"] == "lead"
+    _assert_invalid_choice(env, capsys, "--pipeline-query", "hyde")
