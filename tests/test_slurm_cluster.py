@@ -280,6 +280,22 @@ def _metrics_steps(out: Path) -> list[int]:
     return [int(r["step"]) for r in rows if "loss" in r]
 
 
+def _submit_train(cluster: Cluster, world: Path, work: Path, *overrides: str) -> tuple[Path, str, Path]:
+    """slurm/train.sh on CPU nodes (2 gloo ranks where 2 CPUs allow) on the world's RAG training set, into
+    ``work``/run: that output dir, the job id and the job's log."""
+    out = work / "run"
+    job = _sbatch(cluster, work, "--gpus-per-node=0", f"--cpus-per-task={min(2, os.cpu_count() or 1)}",
+                  str(ROOT / "slurm" / "train.sh"), *TRAIN_ARGS, *overrides, f"data.train=[{world / 'rag_train'}]",
+                  f"output_dir={out}")
+    return out, job, work / "logs" / f"onegen-train-{job}.out"
+
+
+def _until_training(out: Path, log: Path) -> None:
+    """Wait until the job's trainer has logged two steps."""
+    _until(lambda: (out / "metrics.jsonl").exists() and len(_metrics_steps(out)) >= 2, 600,
+           lambda: f"training never started\n{_tail(log)}")
+
+
 def test_prep_job_array_matches_single_machine(cluster, tmp_path):
     from data_prep.__main__ import main
     from data_prep.synthetic import WorldConfig, generate_world
@@ -311,11 +327,8 @@ def test_prep_job_array_matches_single_machine(cluster, tmp_path):
 
 
 def test_train_to_completion_then_eval(cluster, world, shared, tmp_path):
-    out = tmp_path / "run"
     t0 = time.time()
-    job = _sbatch(cluster, tmp_path, "--gpus-per-node=0", f"--cpus-per-task={min(2, os.cpu_count() or 1)}",
-                  str(ROOT / "slurm" / "train.sh"), *TRAIN_ARGS, f"data.train=[{world / 'rag_train'}]", f"output_dir={out}")
-    log = tmp_path / "logs" / f"onegen-train-{job}.out"
+    out, job, log = _submit_train(cluster, world, tmp_path)
     info = cluster.wait(job, log)[0]
     text = _tail(log, 20000)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text
@@ -346,14 +359,10 @@ def test_train_to_completion_then_eval(cluster, world, shared, tmp_path):
 
 
 def test_preempted_run_requeues_and_resumes(cluster, world, shared, tmp_path):
-    out = tmp_path / "run"
     t0 = time.time()
-    job = _sbatch(cluster, tmp_path, "--gpus-per-node=0", f"--cpus-per-task={min(2, os.cpu_count() or 1)}",
-                  str(ROOT / "slurm" / "train.sh"), *TRAIN_ARGS, f"data.train=[{world / 'rag_train'}]", f"output_dir={out}")
-    log = tmp_path / "logs" / f"onegen-train-{job}.out"
+    out, job, log = _submit_train(cluster, world, tmp_path)
     # Once training is under way, do what --signal=B:USR1@120 does before a time limit.
-    _until(lambda: (out / "metrics.jsonl").exists() and len(_metrics_steps(out)) >= 2, 600,
-           lambda: f"training never started\n{_tail(log)}")
+    _until_training(out, log)
     cluster.run("scancel", "--signal=USR1", "--batch", job)
     info = cluster.wait(job, log)[0]
     text = _tail(log, 60000)
@@ -378,14 +387,9 @@ def test_scancel_leaves_a_complete_checkpoint(cluster, world, tmp_path):
     """`scancel`: TERM to every process; the trainer checkpoints within KillWait; no requeue."""
     from pipeline.checkpoint import MARKER, latest_complete
 
-    out = tmp_path / "run"
     t0 = time.time()
-    job = _sbatch(cluster, tmp_path, "--gpus-per-node=0", f"--cpus-per-task={min(2, os.cpu_count() or 1)}",
-                  str(ROOT / "slurm" / "train.sh"), *TRAIN_ARGS, "optim.max_steps=1000", f"data.train=[{world / 'rag_train'}]",
-                  f"output_dir={out}")
-    log = tmp_path / "logs" / f"onegen-train-{job}.out"
-    _until(lambda: (out / "metrics.jsonl").exists() and len(_metrics_steps(out)) >= 2, 600,
-           lambda: f"training never started\n{_tail(log)}")
+    out, job, log = _submit_train(cluster, world, tmp_path, "optim.max_steps=1000")
+    _until_training(out, log)
     cluster.run("scancel", job)
     info = cluster.wait(job, log, timeout=300)[0]
     time.sleep(2)  # the log of the last processes
