@@ -28,14 +28,20 @@ import argparse
 import contextlib
 import sys
 
+# None of these imports torch, transformers or huggingface_hub (main() sets the offline variables
+# they read first); the heaviest is pyarrow, for `--help` too.
+from data_prep import synthetic
+from data_prep.inspect_cmd import inspect
+from data_prep.prepare import PrepConfig, parse_only_shards, prepare
+from data_prep.world import WorldPrepConfig, prepare_world
+from onegen.config import help_text, load_config
 from onegen.config_flags import add_config_flags, flag_overrides
 from onegen.environment import allow_network, apply_offline_defaults
-from onegen.errors import OneGenError
+from onegen.errors import ConfigError, run_cli
+from onegen.runlock import DirLock
 
 
 def _prepare_args(p: argparse.ArgumentParser) -> None:
-    from data_prep.prepare import PrepConfig  # torch-free: its dataclasses only
-
     p.add_argument("--config", help="YAML recipe with PrepConfig fields")
     add_config_flags(p, PrepConfig)  # one flag per top-level field: --kind, --input, --out, --tokenizer, ...
     p.add_argument("--help-config", action="store_true", help="list every config field and exit")
@@ -47,10 +53,6 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_prepare(ns: argparse.Namespace) -> int:
-    from data_prep.prepare import PrepConfig, parse_only_shards, prepare
-    from onegen.config import help_text, load_config
-    from onegen.errors import ConfigError
-
     if ns.help_config:
         print(help_text(PrepConfig))
         return 0
@@ -69,28 +71,19 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
 
 def _dir_lock(out: str) -> contextlib.AbstractContextManager:
     """The output dir's lock (onegen/runlock.py): a second run on it refuses while this one writes."""
-    from onegen.runlock import DirLock
-
     return DirLock(out) if out else contextlib.nullcontext()
 
 
 def cmd_inspect(ns: argparse.Namespace) -> int:
-    from data_prep.inspect_cmd import inspect
-
     inspect(ns.dir, n=ns.n, start=ns.start)
     return 0
 
 
 def cmd_synthetic(ns: argparse.Namespace, rest: list[str]) -> int:
-    from data_prep import synthetic
-
     return synthetic.main(rest) or 0
 
 
 def cmd_world(ns: argparse.Namespace) -> int:
-    from data_prep.world import WorldPrepConfig, prepare_world
-    from onegen.config import load_config
-
     overrides = [f"out={ns.out}", f"num_proc={ns.num_proc}"]
     if ns.train_questions is not None:
         overrides.append(f"world.n_train_questions={ns.train_questions}")
@@ -130,14 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "synthetic":
         return cmd_synthetic(argparse.Namespace(), argv[1:])
     ns = parser.parse_args(argv)
-    try:
-        return {"prepare": cmd_prepare, "inspect": cmd_inspect, "world": cmd_world}[ns.cmd](ns)
-    except OneGenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
-        return 130
+    command = {"prepare": cmd_prepare, "inspect": cmd_inspect, "world": cmd_world}[ns.cmd]
+    return run_cli(lambda: command(ns), interrupted="finished shards are kept; rerun the same command to resume")
 
 
 if __name__ == "__main__":

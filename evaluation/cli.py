@@ -57,6 +57,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -64,7 +65,7 @@ from evaluation.config import DEFAULT_COMPARE_STORE, CompareConfig, IndexConfig,
 from onegen.config import help_text, load_config
 from onegen.config_flags import add_config_flags, flag_overrides
 from onegen.environment import apply_offline_defaults
-from onegen.errors import ConfigError, OneGenError
+from onegen.errors import ConfigError, OneGenError, run_cli
 from onegen.methods import help_lines
 from onegen.mlflow_tags import (EVAL_STAGE, TAG_LOGGED_LATER, TAG_REPLACED_BY, TAG_RESULTS_ID, TAG_STAGE,
                                 TAG_TRAIN_RUN)
@@ -134,6 +135,7 @@ Exit status 0 when every dir was logged, 2 otherwise.""")
 
 
 def cmd_index(cfg: IndexConfig) -> int:
+    # Each command imports what it runs here: `--help` and the other commands do not pay for torch/faiss.
     from evaluation.index import IndexParams
     from evaluation.index_reuse import ensure_index
     from evaluation.precision import LEGACY
@@ -152,6 +154,7 @@ def cmd_index(cfg: IndexConfig) -> int:
 
 
 def cmd_run(cfg: RunConfig) -> int:
+    # what the command runs, imported by it (see cmd_index)
     from rich.console import Console
     from rich.table import Table
 
@@ -199,9 +202,7 @@ def headline_line(method: str, head: dict) -> str:
 
 
 def cmd_compare(cfg: CompareConfig) -> int:
-    import os
-
-    from evaluation.compare import compare
+    from evaluation.compare import compare  # what the command runs, imported by it (see cmd_index)
     from evaluation.tracking import sqlite_uri
 
     uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or sqlite_uri(DEFAULT_COMPARE_STORE)
@@ -210,7 +211,7 @@ def cmd_compare(cfg: CompareConfig) -> int:
 
 
 def cmd_log(ns: argparse.Namespace) -> int:
-    from evaluation.logbook import log_results
+    from evaluation.logbook import log_results  # what the command runs, imported by it (see cmd_index)
 
     failed = 0
     for d in ns.results:
@@ -227,16 +228,13 @@ def cmd_log(ns: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     apply_offline_defaults()  # before torch/transformers/mlflow are imported (they read these once)
     ns = _parser().parse_args(argv)
-    try:
-        if ns.cmd == "log":
-            return cmd_log(ns)
-        if ns.help_config:
-            print(help_text(CONFIGS[ns.cmd]))
-            return 0
-        return {"index": cmd_index, "run": cmd_run, "compare": cmd_compare}[ns.cmd](_config(ns))
-    except OneGenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: a finished index is kept; rerun the same command", file=sys.stderr)
-        return 130
+    return run_cli(lambda: _dispatch(ns), interrupted="a finished index is kept; rerun the same command")
+
+
+def _dispatch(ns: argparse.Namespace) -> int:
+    if ns.cmd == "log":
+        return cmd_log(ns)
+    if ns.help_config:
+        print(help_text(CONFIGS[ns.cmd]))
+        return 0
+    return {"index": cmd_index, "run": cmd_run, "compare": cmd_compare}[ns.cmd](_config(ns))

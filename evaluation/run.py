@@ -37,14 +37,24 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
+from evaluation import plots
+from evaluation.checks import preflight
 from evaluation.config import NORMALIZATIONS, PIPELINE_QUERIES, SETTINGS, RunConfig
-from evaluation.index_reuse import check_given_index, ensure_index
+from evaluation.index import IndexParams, open_index
+from evaluation.index_reuse import check_given_index, ensure_index, rows_to_index
+from evaluation.tasks import el_part, rag_part
+from evaluation.tracking import EvalTracker, resolve_tracking_uri, train_link
 from onegen.errors import ConfigError
+from onegen.manifest import atomic_write_bytes, fingerprint_files, write_manifest
 from onegen.methods import METHODS
+from onegen.prepared import open_prepared
 from onegen.mlflow_tags import (EVAL_STAGE, TAG_DATASET, TAG_METHOD, TAG_MODE, TAG_MODEL, TAG_RESULTS_ID, TAG_SETTING,
                                 TAG_STAGE, TAG_TASK, TAG_TRAIN_RUN, TAG_TRAIN_STORE)
 from onegen.runlock import DirLock
@@ -84,8 +94,6 @@ def _write_jsonl(path: Path, rows) -> None:
 
 
 def _json_default(o: Any):
-    import numpy as np
-
     if isinstance(o, (np.integer,)):
         return int(o)
     if isinstance(o, (np.floating,)):
@@ -98,8 +106,6 @@ def _json_default(o: Any):
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from onegen.manifest import atomic_write_bytes
-
     atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
 
 
@@ -132,10 +138,6 @@ def _tracker(req: RunConfig, out: Path, task: str, model_dir: Path, mode: str, l
 
     With ``--no-mlflow`` the tracker only records: ``tracking.json`` names the store the run would have
     gone to, for ``python -m evaluation log``."""
-    import uuid
-
-    from evaluation.tracking import EvalTracker, resolve_tracking_uri, train_link
-
     dataset, mlabel = Path(req.data).resolve().name, model_label(model_dir)
     train_run_id, train_store = train_link(model_dir)
     try:
@@ -158,8 +160,8 @@ def _tracker(req: RunConfig, out: Path, task: str, model_dir: Path, mode: str, l
 
 def run_eval(req: RunConfig, log: Callable[[str], None] = print) -> EvalOutcome:
     """Evaluate one checkpoint with one method on one prepared dataset (see the module docstring)."""
-    from evaluation.checks import preflight
-    from evaluation.precision import resolve_precision
+    from evaluation.precision import resolve_precision  # torch: loaded when a run starts, not by --help
+
 
     _check_request(req)
     model_dir, data_dir = Path(req.model), Path(req.data)
@@ -223,11 +225,9 @@ def _run_locked(req: RunConfig, out: Path, task: str, dman: dict, mman: dict, oc
 def _load(req: RunConfig, out: Path, task: str, ocfg: dict, index_dir: Path | None, needs_index: bool,
           log) -> tuple[Any, Any, Any, dict[str, Any]]:
     """The runtime, the prepared data and (when the method needs one) the opened index; run params."""
-    from evaluation.index import IndexParams, open_index
-    from evaluation.index_reuse import rows_to_index
+    # torch: loaded when a run starts, not by --help
     from evaluation.precision import LEGACY
     from evaluation.runtime import load_runtime
-    from onegen.prepared import open_prepared
 
     data = open_prepared(req.data)
     rt = load_runtime(req.model, data, device=req.device, dtype=req.dtype, attn=req.attn)
@@ -253,10 +253,6 @@ def _load(req: RunConfig, out: Path, task: str, ocfg: dict, index_dir: Path | No
 
 def _run(req: RunConfig, out: Path, task: str, dman: dict, mman: dict, ocfg: dict, index_dir: Path | None,
          needs_index: bool, tracker, log) -> dict:
-    from evaluation import plots
-    from evaluation.tasks import el_part, rag_part
-    from onegen.manifest import fingerprint_files, write_manifest
-
     t_start = time.perf_counter()
     rt, data, idx, params = _load(req, out, task, ocfg, index_dir, needs_index, log)
     n = len(data) if req.max_examples is None else min(req.max_examples, len(data))

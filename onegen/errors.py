@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 
 class OneGenError(Exception):
     """Base class: an error whose message alone tells the user what to fix."""
+
+
+def run_cli(command: Callable[[], int], interrupted: str | None = None) -> int:
+    """Run a CLI command the way every one of ours ends: a ``OneGenError`` is its message on stderr
+    and exit status 2 (no traceback); Ctrl-C prints ``interrupted: <what is kept>`` and exits 130
+    (with ``interrupted`` None it propagates as usual)."""
+    try:
+        return command()
+    except OneGenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        print(f"interrupted: {interrupted}", file=sys.stderr)
+        return 130
 
 
 @dataclass
