@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch  # already loaded with onegen.devices below
 
 from onegen.devices import default_device
 from onegen.errors import ConfigError
@@ -68,8 +69,6 @@ def encoder_device(requested: str | None = None) -> str:
 def _cuda_unusable_here() -> bool:
     """True in a process forked after its parent initialised CUDA (data_prep's fork pool): CUDA
     cannot be used there, so that process encodes on the CPU."""
-    import torch
-
     return bool(getattr(torch.cuda, "_is_in_bad_fork", lambda: False)())
 
 
@@ -77,6 +76,7 @@ class MeanPoolEncoder:
     """Mean-pool the last hidden states over real tokens, then L2-normalise (as sentence-transformers does)."""
 
     def __init__(self, path: str | Path, max_length: int | None = None, device: str | None = None) -> None:
+        # heavy (transformers): imported where an encoder is made
         from transformers import AutoTokenizer
 
         self.path = Path(path)
@@ -90,6 +90,7 @@ class MeanPoolEncoder:
         self._fingerprint: str | None = None
 
     def _load(self, device: str):
+        # heavy (transformers): as in __init__
         from transformers import AutoModel
 
         return AutoModel.from_pretrained(self.path, local_files_only=True).to(device).eval()
@@ -124,8 +125,6 @@ class MeanPoolEncoder:
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Embeddings of ``texts``, shape (len(texts), dim), float32, unit L2 norm."""
-        import torch
-
         model, device = self._model_here()
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         # Length-sorted batches waste less compute on padding; results go back in input order.

@@ -12,8 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 from data_prep import holdout
+from data_prep.readers import read_benchmark
+from data_prep.readers.hub import load_from_hub
 from data_prep.readers.jsonio import check_input_file
 from data_prep.readers.leads import apply_hop_leads
+from data_prep.readers.twowiki import read_passage_corpus
 from data_prep.records import Dataset, MultiHopExample
 from data_prep.tagging import split_long_text
 from onegen.errors import ConfigError
@@ -37,19 +40,13 @@ def _reader_kwargs(cfg) -> dict[str, Any]:
 
 def read_inputs(cfg, policy) -> Dataset:
     """``cfg``: a ``data_prep.prepare.PrepConfig``."""
-    from data_prep.readers import read_benchmark
-
     if cfg.from_hub:
-        from data_prep.readers.hub import load_from_hub
-
         ds = load_from_hub(cfg.from_hub, cfg.split, cache_dir=None, allow_network=cfg.allow_network)
     else:
         if not cfg.input:
             raise ConfigError("no input: give --input FILE (or --from-hub NAME --allow-network)")
         ds = read_benchmark(cfg.kind, cfg.input, policy, **_reader_kwargs(cfg))
     if cfg.corpus:
-        from data_prep.readers.twowiki import read_passage_corpus
-
         for doc_id, doc in read_passage_corpus(cfg.corpus).items():
             ds.documents.setdefault(doc_id, doc)
     # bpe:N trained on both parts: a model trained on part=train must read part=heldout's ids.

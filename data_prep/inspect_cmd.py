@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
+from data_prep.tokenizer import load_tokenizer
 from onegen.manifest import read_manifest
 from onegen.roles import CTX, GEN, RET
 from onegen.shards import list_shards, load_shards
@@ -32,8 +33,6 @@ def render_row(tokenizer, input_ids, roles) -> Text:
 
 
 def inspect(directory: str | Path, n: int = 3, start: int = 0, console: Console | None = None) -> None:
-    from data_prep.tokenizer import load_tokenizer
-
     console = console or Console()
     directory = Path(directory)
     manifest = read_manifest(directory, expect_stage="data_prep")

@@ -168,8 +168,9 @@ class NegativeMiner:
     # -- construction -------------------------------------------------------------------------
 
     def _build_bm25(self, texts: list[str]) -> None:
+        # heavy (bm25s pulls scipy): imported only when BM25 mining is on
         import bm25s
-        from bm25s.tokenization import Tokenizer
+        from bm25s.tokenization import Tokenizer  # lazy: as above
 
         stemmer = EnglishStemmer() if self.config.stem and stemmer_available() else None
         self._stemmer_name = EnglishStemmer.name if stemmer is not None else None
@@ -181,9 +182,10 @@ class NegativeMiner:
         self._empty_token = self._tokenizer.get_vocab_dict().get("")
 
     def _build_dense(self, texts: list[str], encoder: Any) -> None:
+        # heavy (faiss; the encoder pulls torch): imported only when dense mining is on
         import faiss
 
-        from data_prep.encoders import MeanPoolEncoder, default_minilm_path
+        from data_prep.encoders import MeanPoolEncoder, default_minilm_path  # lazy: as above
 
         if encoder is None:
             encoder = MeanPoolEncoder(self.config.dense_model or default_minilm_path())
@@ -203,6 +205,7 @@ class NegativeMiner:
             "rank_window": "1-based, both ends inclusive, among non-gold docs",
         }
         if self._bm25 is not None:
+            # heavy (bm25s): only when BM25 mining is on, see _build_bm25
             import bm25s
 
             out["bm25"] = {"library": "bm25s", "version": bm25s.__version__, "stopwords": "en",
@@ -285,6 +288,7 @@ class NegativeMiner:
         return windows
 
     def _dense_windows(self, queries: Sequence[MiningQuery], gold: list[set[int]]) -> list[list[int]]:
+        # heavy (faiss): only when dense mining is on, see _build_dense
         import faiss
 
         start, end = self.config.rank_window

@@ -28,10 +28,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import pyarrow as pa
+
 from data_prep import doclength, holdout
 from data_prep.holdout import HoldoutConfig
 from data_prep.inputs import corpus_texts, input_fingerprints, read_inputs  # noqa: F401 (corpus_texts: world, bench)
-from data_prep.mining import MiningConfig, unstemmed_warning
+from data_prep.mining import MiningConfig, MiningQuery, NegativeMiner, unstemmed_warning
+from data_prep.readers.errors import ErrorPolicy
 from data_prep.readers.leads import LEAD_FROM_HELP, LeadFrom
 from data_prep.records import NIL_ID, Dataset, Document
 from data_prep.schema import DOCS_SCHEMA, QUERIES_SCHEMA
@@ -39,6 +42,7 @@ from data_prep.tagging import Tagger, TaggingConfig, TooLong
 from data_prep.tokenizer import describe_source, load_tokenizer
 from data_prep.truncation import REPORT, count_cuts, describe_cuts, write_cut_count, write_report
 from data_prep.workers import run_shards
+from onegen.config import from_dict
 from onegen.errors import ConfigError, InputError
 from onegen.manifest import MANIFEST_NAME, atomic_write_bytes, atomic_write_json, fingerprint_files, sha256_file, sha256_json, write_manifest
 from onegen.roles import check_row_invariants, ret_positions
@@ -79,8 +83,6 @@ class PrepConfig:
     holdout: HoldoutConfig = field(default_factory=HoldoutConfig, metadata={"help": "train / held-out split by question id"})
 
     def __post_init__(self) -> None:
-        from onegen.config import from_dict
-
         for name, cls in (("mining", _mining_config_cls()), ("holdout", HoldoutConfig)):
             value = getattr(self, name)
             if value is None:
@@ -125,8 +127,6 @@ def _name_key(name: str) -> str:
 
 def mining_queries(ex, task: str, docs: dict[str, Document], positives: list[str], same_name: dict[str, list[str]]):
     """One mining query per RET position: the text a retriever would get at that point."""
-    from data_prep.mining import MiningQuery
-
     if task == "rag":
         queries = []
         for hop, gold in enumerate(positives):
@@ -309,8 +309,6 @@ def prepare(cfg: PrepConfig, *, log=print, only_shards: tuple[int, int] | None =
     whose index is ``i`` mod ``n`` and no manifest (returns a summary); ``finish_only`` then checks that
     every shard exists and writes quarantine.jsonl + the manifest exactly as a single run would.
     """
-    from data_prep.mining import NegativeMiner
-
     if not cfg.out:
         raise ConfigError("no output directory: give --out DIR")
     t0 = time.time()
@@ -380,8 +378,6 @@ def _open_out_dir(cfg: PrepConfig, out: Path, only_shards, log) -> dict | None:
 
 
 def _read(cfg: PrepConfig, out: Path, log) -> tuple[Dataset, Any]:
-    from data_prep.readers.errors import ErrorPolicy
-
     policy = ErrorPolicy(cfg.on_error)
     ds = read_inputs(cfg, policy)
     log(f"[prep] read {len(ds.examples)} {ds.task} examples and {len(ds.documents)} documents"
@@ -433,8 +429,6 @@ def _finish_slices(cfg: PrepConfig, out: Path, ds: Dataset, tokenizer, policy, t
     if prov_path.is_file():
         mining = json.loads(prov_path.read_text())
     else:  # shards written by other means (e.g. a killed single run): build the miner for its provenance
-        from data_prep.mining import NegativeMiner
-
         mining = NegativeMiner(ds.documents, cfg.mining).provenance()
     manifest = finish(cfg, out, ds, tokenizer, policy, t0, log, mining=mining, doc_lengths=doc_lengths)
     prov_path.unlink(missing_ok=True)
@@ -444,7 +438,6 @@ def _finish_slices(cfg: PrepConfig, out: Path, ds: Dataset, tokenizer, policy, t
 def finish(cfg: PrepConfig, out: Path, ds: Dataset, tokenizer, policy, t0: float, log=print, mining: dict | None = None,
            *, doc_lengths: dict) -> dict:
     """Count, fingerprint and write quarantine.jsonl, truncated.jsonl, split_ids.json and the manifest (last)."""
-    import pyarrow as pa
     import pyarrow.compute  # noqa: F401  (pa.compute below; not imported by `import pyarrow` itself)
 
     shards = {}

@@ -37,6 +37,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from tqdm import tqdm
+
 from onegen.errors import ConfigError
 from onegen.manifest import atomic_write_bytes
 
@@ -68,8 +70,6 @@ PROGRESS_MIN_UNITS = 100_000
 def _progress(it: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
     if not enabled:
         return it
-    from tqdm import tqdm
-
     return tqdm(it, total=total, desc=desc, unit="ex", file=sys.stderr)
 
 

@@ -19,6 +19,8 @@ import importlib.util
 from pathlib import Path
 from typing import Any, Iterable
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
 from onegen.errors import ConfigError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,7 +38,7 @@ def smollm2_dir() -> Path:
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Any:
     """A small byte-level BPE with <s>, </s>, <pad>, <unk> as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    # heavy (transformers): imported where a tokenizer is made, so --help starts fast
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -57,6 +59,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Any:
 
 def load_tokenizer(source: str, *, texts: Iterable[str] | None = None, allow_network: bool = False,
                    trust_remote_code: bool = False) -> Any:
+    # heavy (transformers): as in train_bpe
     from transformers import AutoTokenizer
 
     if source.startswith("bpe:"):

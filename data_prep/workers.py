@@ -17,6 +17,7 @@ from tqdm import tqdm
 def _worker_init() -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
+        # torch only to cap a worker's threads; imported here so the pool itself need not load it
         import torch
 
         torch.set_num_threads(1)

@@ -13,17 +13,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from data_prep.mining import MiningConfig
-from data_prep.prepare import PrepConfig, prepare
-from data_prep.synthetic import WorldConfig
+from data_prep.prepare import PrepConfig, _mining_config_cls, corpus_texts, prepare
+from data_prep.readers import read_benchmark
+from data_prep.readers.elevant import read_entity_kb
+from data_prep.readers.errors import ErrorPolicy
+from data_prep.synthetic import WorldConfig, generate_world
 from data_prep.tagging import TaggingConfig
+from data_prep.tokenizer import load_tokenizer
+from onegen.config import from_dict
 from onegen.errors import ConfigError
-from onegen.manifest import MANIFEST_NAME, sha256_json
+from onegen.manifest import MANIFEST_NAME, atomic_write_json, sha256_json
 from onegen.tokens import SpecialTokens, add_special_tokens
 
 
 def _world_config_cls():
-    from data_prep.synthetic import WorldConfig
-
     return WorldConfig
 
 
@@ -40,15 +43,11 @@ class WorldPrepConfig:
     mining: MiningConfig = field(default_factory=MiningConfig, metadata={"help": "hard-negative mining"})
 
     def __post_init__(self) -> None:
-        from onegen.config import from_dict
-
         wcls = _world_config_cls()
         if self.world is None:
             self.world = wcls()
         elif isinstance(self.world, dict):
             self.world = from_dict(wcls, self.world, where="world")
-        from data_prep.prepare import _mining_config_cls
-
         mcls = _mining_config_cls()
         if self.mining is None:
             self.mining = mcls()
@@ -65,8 +64,6 @@ SPLITS = {
 
 
 def _generate(cfg: WorldPrepConfig, raw: Path, log) -> None:
-    from data_prep.synthetic import generate_world
-
     stamp = raw / "world.json"
     want = sha256_json(asdict(cfg.world))
     if stamp.exists() and json.loads(stamp.read_text()).get("config_sha256") == want:
@@ -76,18 +73,10 @@ def _generate(cfg: WorldPrepConfig, raw: Path, log) -> None:
     summary = generate_world(cfg.world, raw)
     summary = dict(summary or {}, config_sha256=want)
     # world.json last: its presence with this config's hash marks the raw files complete.
-    from onegen.manifest import atomic_write_json
-
     atomic_write_json(stamp, summary)
 
 
 def _world_tokenizer(cfg: WorldPrepConfig, raw: Path, out: Path, log) -> Path:
-    from data_prep.readers import read_benchmark
-    from data_prep.readers.elevant import read_entity_kb
-    from data_prep.readers.errors import ErrorPolicy
-    from data_prep.prepare import corpus_texts
-    from data_prep.tokenizer import load_tokenizer
-
     tok_dir = out / "tokenizer"
     if (tok_dir / "tokenizer_config.json").exists():
         return tok_dir

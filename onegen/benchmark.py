@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from onegen.benchmark_config import BenchmarkConfig, ElSet, RagSet, resolve
+from onegen.benchmark_summary import write_summary
 from onegen.config import help_text, load_config
 from onegen.environment import apply_offline_defaults
 from onegen.errors import ConfigError, OneGenError
@@ -217,8 +218,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"onegen benchmark: {ns.config}, {len(stages)} stages, output in {out}", flush=True)
     run_stages(stages, out)
     layout["seconds"] = stage_seconds(stages)
-    from onegen.benchmark_summary import write_summary
-
     result = write_summary(out, cfg, layout, time.time() - t0)
     print("\n" + (out / "summary.md").read_text())
     failed = [b for b in result["bars"] if b["ok"] is False]

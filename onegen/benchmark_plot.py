@@ -5,15 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 BARS = [("em", "EM"), ("recall_at_1_tf", "R@1 teacher-forced"), ("recall_at_1_free", "R@1 free")]
 
 
 def plot_benchmark(path: Path, rag: dict, el: dict, curve: list[dict]) -> Path | None:
+    # heavy (matplotlib): imported where the figure is drawn, with its Agg backend set first
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    import matplotlib.pyplot as plt  # lazy: as above
 
     panels = len(rag) + (1 if el else 0) + (1 if curve else 0)
     if panels == 0:

@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from onegen.benchmark_plot import plot_benchmark
 from onegen.bootstrap import question_ci
 
 RAG_COLS = [("em", "EM"), ("f1", "F1"), ("recall_at_1_tf", "R@1 tf"), ("recall_at_1_tf_hop1", "tf hop1"),
@@ -209,7 +210,5 @@ def write_summary(out: Path, cfg: Any, layout: dict, wall: float) -> dict:
               "el": {n: r["headline"] for n, r in el.items()}, "data": data, "curves": curve, "bars": bars,
               "seconds": seconds, "training": training_cost(out)}
     (out / "summary.json").write_text(json.dumps(result, indent=2, default=str))
-    from onegen.benchmark_plot import plot_benchmark
-
     plot_benchmark(out / "benchmark.png", rag, el, curve)
     return result

@@ -78,6 +78,7 @@ def all_gather_autograd(t: torch.Tensor, group: Any = None) -> list[torch.Tensor
     check_devices(t, group=group)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
+        # imported here, under catch_warnings: the deprecated module warns (FutureWarning) on import
         from torch.distributed.nn.functional import all_gather
 
         return list(all_gather(t, group=group))

@@ -69,6 +69,7 @@ class MlflowRun:
             return None
 
     def log_params(self, params: dict[str, Any]) -> None:
+        # heavy (mlflow): imported where used, so importing this module stays light
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:PARAM_CHARS]) for k, v in params.items()]
@@ -76,6 +77,7 @@ class MlflowRun:
             self.call("log_batch", params=items[i:i + PARAMS_PER_BATCH])
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0, timestamp_ms: int | None = None) -> None:
+        # heavy (mlflow): imported where used, so importing this module stays light
         from mlflow.entities import Metric
 
         now = timestamp_ms or int(time.time() * 1000)
@@ -84,6 +86,7 @@ class MlflowRun:
             self.call("log_batch", metrics=items[i:i + METRICS_PER_BATCH])
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        # heavy (mlflow): imported where used, so importing this module stays light
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)) for k, v in tags.items()]

@@ -31,6 +31,7 @@ import random
 import sqlite3
 import sys
 import time
+import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,8 +84,6 @@ def probe_server(uri: str, timeout: float = 5.0) -> None:
     """Raise when an MLflow server does not answer ``/health`` within ``timeout`` seconds.
 
     MLflow's own client retries a dead server for minutes; a run must not wait that long."""
-    import urllib.request
-
     with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
         if r.status != 200:
             raise ConnectionError(f"{uri}/health answered HTTP {r.status}")
@@ -176,9 +175,10 @@ class StoreState:
 @functools.lru_cache(maxsize=1)
 def _schema_target() -> tuple[str, frozenset[str], frozenset[str]]:
     """This MLflow's schema: (head revision, every known revision, the tables its models need)."""
+    # heavy (alembic, mlflow): imported only when a sqlite store is checked
     from alembic.script import ScriptDirectory
     from mlflow.store.db import utils  # imports every MLflow model, so Base.metadata is complete
-    from mlflow.store.db.base_sql_model import Base
+    from mlflow.store.db.base_sql_model import Base  # lazy: as above
 
     script = ScriptDirectory.from_config(utils._get_alembic_config(db_url=""))
     known = frozenset(rev.revision for rev in script.walk_revisions())
@@ -248,8 +248,9 @@ def _set_aside(db: Path) -> Path:
 
 def _create(db: Path) -> None:
     """Make every table of this MLflow's schema in a temp file, then rename it to ``db``."""
+    # heavy (sqlalchemy, mlflow): imported only when a store is made
     import sqlalchemy
-    from mlflow.store.db import utils
+    from mlflow.store.db import utils  # lazy: as above
 
     for name in ("alembic", "mlflow.store.db.utils"):  # schema-creation chatter
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -311,6 +312,7 @@ def open_client(uri: str, policy: RetryPolicy = RetryPolicy()) -> RetryingClient
         probe_server(uri)
     else:
         prepare_store(uri)
+    # heavy (mlflow), and imported after the MLFLOW_* settings above are in the environment
     from mlflow import MlflowClient
 
     return RetryingClient(MlflowClient(tracking_uri=uri), policy)

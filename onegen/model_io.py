@@ -16,6 +16,7 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = 
     ``attn_implementation``: ``sdpa`` / ``eager`` / ``flash_attention_2`` (decide it with
     ``onegen.devices.choose_attention``); None = transformers' default (sdpa where the model has it).
     """
+    # heavy (transformers): imported where a model is loaded
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     attn = {"attn_implementation": attn_implementation} if attn_implementation else {}

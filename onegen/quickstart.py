@@ -199,6 +199,7 @@ def _mlflow_url(uri: str, experiment: str, host: str = "127.0.0.1", port: int = 
     """The experiment's runs table in MLflow 3.17's UI (hash routes). ``workflowType=machine_learning``
     switches its global GenAI/ML toggle, which otherwise opens on an empty GenAI overview."""
     try:
+        # heavy (mlflow): only for the summary's link, so --help starts fast
         from mlflow import MlflowClient
 
         exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)

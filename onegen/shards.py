@@ -97,6 +97,7 @@ def load_shards(paths: Iterable[str | Path]):
     A file that is not a readable Arrow stream is a ``ManifestMismatch`` naming it (not a pyarrow
     traceback).
     """
+    # heavy (datasets): imported where shards are opened
     import datasets
 
     parts = []

@@ -14,6 +14,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from tokenizers import AddedToken
+
 
 @dataclass
 class SpecialTokens:
@@ -70,8 +72,6 @@ def add_special_tokens(tokenizer: Any, tokens: SpecialTokens) -> dict[str, int]:
     existing = set(tokenizer.get_vocab())
     missing = [t for t in wanted if t not in existing]
     if missing:
-        from tokenizers import AddedToken
-
         tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
