@@ -21,6 +21,9 @@ retrieval per answer; (b) retrievals per answer 1..4 at Q = ``--fixed-query-toke
 a warm-up, then ``--repeats`` dialogues per method (methods interleaved), median wall time.
 Writes ``efficiency.csv``, ``efficiency.png`` (two panels) and ``efficiency.json`` (setup) under
 ``--out``; prints the ratios (two-pass / one-pass, pipeline / one-pass) last.
+
+torch, matplotlib and the modules that load torch are imported inside the functions that use them
+(``# lazy``), so ``--help`` answers without them.
 """
 
 from __future__ import annotations
@@ -38,6 +41,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from data_prep.records import Document
+from data_prep.tokenizer import train_bpe
+from evaluation.index import DocIndex
+from onegen.tokens import SpecialTokens, add_special_tokens
+from pipeline.config import ModelConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -79,13 +88,11 @@ def _words(rng: random.Random, n: int) -> list[str]:
 def build_tiny_runtime(hidden: int, layers: int, vocab: int, max_positions: int, device: str, seed: int = 0,
                        n_texts: int = 3000):
     """A randomly initialised tiny Llama + a BPE tokenizer trained here (no files, no hub), as a Runtime."""
+    # lazy: see module docstring
     import torch
 
-    from data_prep.tokenizer import train_bpe
-    from evaluation.runtime import Runtime, tagger_for
-    from onegen.tokens import SpecialTokens, add_special_tokens
-    from pipeline.config import ModelConfig
-    from pipeline.model import build_model
+    from evaluation.runtime import Runtime, tagger_for  # lazy: as above
+    from pipeline.model import build_model  # lazy: as above
 
     rng = random.Random(seed)
     texts = [" ".join(_words(rng, 30)) for _ in range(n_texts)]
@@ -107,6 +114,7 @@ def build_tiny_runtime(hidden: int, layers: int, vocab: int, max_positions: int,
 
 
 def load_checkpoint_runtime(model_dir: str, device: str):
+    # lazy: see module docstring
     from evaluation.runtime import load_runtime
 
     rt = load_runtime(model_dir, None, device=device)
@@ -116,8 +124,6 @@ def load_checkpoint_runtime(model_dir: str, device: str):
 
 def make_docs(rt, n: int, doc_tokens: int, rng: random.Random):
     """``n`` documents whose paragraph body has at least ``doc_tokens`` tokens (the budget cuts it to exactly that)."""
-    from data_prep.records import Document
-
     docs = []
     for i in range(n):
         words = _words(rng, doc_tokens * 2)
@@ -146,6 +152,7 @@ def dialogue_rows(rt, q_tokens: int, rounds: int, rng: random.Random) -> list[di
 
 def gen_config(setup: Setup, retrievals: int):
     """``output_tokens`` words + ``retrievals`` forced ``[RQ]`` spread evenly, 30-token documents, open search."""
+    # lazy: see module docstring
     from evaluation.generate import GenerationConfig
 
     every = math.ceil(setup.output_tokens / (retrievals + 1))
@@ -202,13 +209,13 @@ class Bench:
 
 def build_bench(ns: argparse.Namespace, setup: Setup, rng: random.Random) -> Bench:
     """The model (a checkpoint or a tiny one built here), ``ns.docs`` documents, their index and the retrievers."""
+    # lazy: see module docstring
     import torch
 
-    from data_prep.encoders import MeanPoolEncoder, default_minilm_path
-    from evaluation.index import DocIndex
-    from evaluation.retrievers import DenseRetriever, OneGenRetriever, TwoPassRetriever
-    from evaluation.runtime import default_device
-    from onegen.hidden import encode_documents
+    from data_prep.encoders import MeanPoolEncoder, default_minilm_path  # lazy: as above
+    from evaluation.retrievers import DenseRetriever, OneGenRetriever, TwoPassRetriever  # lazy: as above
+    from evaluation.runtime import default_device  # lazy: as above
+    from onegen.hidden import encode_documents  # lazy: as above
 
     if ns.threads:
         torch.set_num_threads(ns.threads)
@@ -239,9 +246,10 @@ def build_bench(ns: argparse.Namespace, setup: Setup, rng: random.Random) -> Ben
 
 def one_dialogue(bench: Bench, method: str, rows: list[dict], cfg, r: int):
     """Wall time and results of one dialogue with ``method``; checks it did the generation work of every method."""
+    # lazy: see module docstring
     import torch
 
-    from evaluation.generate import run_dialogue
+    from evaluation.generate import run_dialogue  # lazy: as above
 
     def sync():
         if bench.device.startswith("cuda"):
@@ -297,9 +305,10 @@ def measure_point(bench: Bench, sweep: str, q: int, r: int, repeats: int, rng: r
 
 def write_results(out: Path, records: list[dict], bench: Bench, ns: argparse.Namespace) -> Path:
     """``efficiency.csv`` and ``efficiency.json`` (the setup) under ``out``; returns the PNG's path."""
+    # lazy: see module docstring
     import torch
 
-    from data_prep.encoders import default_minilm_path
+    from data_prep.encoders import default_minilm_path  # lazy: as above
 
     setup = bench.setup
     out.mkdir(parents=True, exist_ok=True)
@@ -334,10 +343,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(records: list[dict], path: Path, desc: str, setup: Setup, fixed_q: int) -> Path:
+    # lazy: see module docstring
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: as above
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     style = {"one-pass": ("#4C72B0", "o"), "two-pass": ("#DD8452", "s"), "pipeline": ("#55A868", "^")}

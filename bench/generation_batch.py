@@ -18,6 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from evaluation.index import build_index, open_index
+from onegen.prepared import open_prepared
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -32,12 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     if ns.n < 1 or min(ns.batch_sizes) < 1:
         ap.error("--n and every --batch-sizes value must be >= 1")
 
+    # heavy (torch, transformers): imported after the arguments are parsed, so --help starts fast
     from evaluation.generate import GenerationConfig, run_questions
-    from evaluation.linking import LinkConfig, run_linking
-    from evaluation.index import build_index, open_index
-    from evaluation.retrievers import build_retriever
-    from evaluation.runtime import load_runtime
-    from onegen.prepared import open_prepared
+    from evaluation.linking import LinkConfig, run_linking  # lazy: as above
+    from evaluation.retrievers import build_retriever  # lazy: as above
+    from evaluation.runtime import load_runtime  # lazy: as above
 
     data = open_prepared(ns.data)
     rt = load_runtime(ns.model, data, device=ns.device)

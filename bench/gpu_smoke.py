@@ -14,6 +14,9 @@ Tokens are the trainer's count: real (non-pad) query and document tokens of a st
 
 Everything here runs on CPU too (``params``, ``report`` on a finished run, ``stack`` without
 ``--require-cuda``); the arithmetic is in plain functions so tests check it without a GPU.
+
+torch, faiss and the project's own modules are imported inside the functions that use them (``# lazy``):
+``stack`` must report a missing or broken one rather than fail to start, and ``--help`` stays fast.
 """
 
 from __future__ import annotations
@@ -21,13 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import platform
 import re
 import shutil
 import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+import yaml
 
 # Dense (no sparsity) bf16 tensor-core peak per GPU, FLOP/s, from the vendors' data sheets. The first
 # entry whose key is in the device name (upper case) wins, so the specific names come first.
@@ -164,6 +171,7 @@ def _count(n: float) -> str:
 
 def _gpu_name() -> str | None:
     try:
+        # lazy: see module docstring
         import torch
 
         return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
@@ -172,8 +180,6 @@ def _gpu_name() -> str | None:
 
 
 def cmd_report(ns: argparse.Namespace) -> int:
-    import yaml
-
     out = Path(ns.out)
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     shape = shape_from_model_config(cfg["model"])
@@ -208,8 +214,9 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
 
 def cmd_params(ns: argparse.Namespace) -> int:
+    # lazy: see module docstring
     from onegen.config import load_config, to_dict
-    from pipeline.config import TrainConfig
+    from pipeline.config import TrainConfig  # lazy: as above
 
     cfg = load_config(TrainConfig, ns.config, ns.overrides)
     shape = shape_from_model_config(to_dict(cfg.model))
@@ -231,8 +238,6 @@ def _version(module: str) -> tuple[str | None, str | None]:
 
 def stack_lines() -> tuple[list[str], dict]:
     """Human lines and facts about python, torch/CUDA, GPUs, flash-attn, faiss, DeepSpeed, transformers."""
-    import platform
-
     facts: dict = {"python": platform.python_version()}
     lines = [f"python       {sys.version.split()[0]} ({sys.executable})"]
     torch_v, why = _version("torch")
@@ -240,6 +245,7 @@ def stack_lines() -> tuple[list[str], dict]:
     if torch_v is None:
         lines.append(f"torch        not importable ({why})")
     else:
+        # lazy: see module docstring
         import torch
 
         facts["cuda"] = torch.cuda.is_available()
@@ -264,6 +270,7 @@ def stack_lines() -> tuple[list[str], dict]:
     if faiss_v is None:
         lines.append(f"faiss        not importable ({why})")
     else:
+        # lazy: see module docstring
         import faiss
 
         n = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
@@ -276,17 +283,16 @@ def stack_lines() -> tuple[list[str], dict]:
 
 def _flash_line(lines: list[str], cuda: bool) -> bool:
     """Append flash-attn's line; True when training would use it (attention auto, bf16)."""
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         dist = version("flash-attn")
     except PackageNotFoundError:
         dist = None
     try:
+        # lazy: see module docstring
         import torch
 
-        from onegen.devices import choose_attention, flash_attn_problem
-        from onegen.errors import ConfigError
+        from onegen.devices import choose_attention, flash_attn_problem  # lazy: as above
+        from onegen.errors import ConfigError  # lazy: as above
     except Exception as e:
         lines.append(f"flash-attn   {dist or 'not installed'} (onegen not importable: {e})")
         return False

@@ -18,15 +18,19 @@ import argparse
 import json
 from pathlib import Path
 
+from data_prep.records import Document
+from data_prep.tokenizer import load_tokenizer
 from onegen.environment import apply_offline_defaults
+from onegen.roles import GEN
+from pipeline.data import open_prepared
 
 FORMS = ("full", "latest", "lead")  # = evaluation.retrievers.PIPELINE_QUERIES
 
 
 def hop_queries(tokenizer, row: dict) -> list[dict[str, str]]:
     """Per gold [RQ] of a row: the query text of each form."""
+    # heavy (evaluation.retrievers loads torch): imported where used, so --help starts fast
     from evaluation.retrievers import RetrievalStep
-    from onegen.roles import GEN
 
     ids, roles, p0 = list(row["input_ids"]), list(row["roles"]), int(row["prompt_len"])
     out, start = [], p0
@@ -47,11 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=40, help="the first N rows (as evaluation run --max-examples)")
     p.add_argument("--out", help="write the table as JSON here")
     ns = p.parse_args(argv)
-    from data_prep.records import Document
-    from data_prep.tokenizer import load_tokenizer
+    # heavy (torch, transformers): imported after apply_offline_defaults and the arguments, so --help starts fast
     from data_prep.encoders import MeanPoolEncoder, default_minilm_path
-    from evaluation.retrievers import BM25Retriever, DenseRetriever
-    from pipeline.data import open_prepared
+    from evaluation.retrievers import BM25Retriever, DenseRetriever  # lazy: as above
 
     data = open_prepared(ns.data)
     tok = load_tokenizer(str(Path(ns.data) / "tokenizer"))

@@ -15,11 +15,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from data_prep.prepare import PrepConfig, corpus_texts, prepare
+from data_prep.readers import read_hotpotqa
+from data_prep.synthetic import WorldConfig, generate_world
+from data_prep.tokenizer import load_tokenizer
+from onegen.tokens import SpecialTokens, add_special_tokens
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -27,8 +34,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def _cpu_seconds() -> float:
     """User + system CPU of this process and its reaped children (the pool's workers)."""
-    import resource
-
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
@@ -43,12 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab", type=int, default=2000, help="BPE vocabulary size")
     ap.add_argument("--workdir", help="where to write (default: a temporary directory, removed at the end)")
     args = ap.parse_args(argv)
-
-    from data_prep.prepare import PrepConfig, corpus_texts, prepare
-    from data_prep.readers import read_hotpotqa
-    from data_prep.synthetic import WorldConfig, generate_world
-    from data_prep.tokenizer import load_tokenizer
-    from onegen.tokens import SpecialTokens, add_special_tokens
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="onegen-prep-bench-"))
     work.mkdir(parents=True, exist_ok=True)

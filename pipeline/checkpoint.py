@@ -142,9 +142,10 @@ def _allowed_globals() -> list:
     holders: the unpickler may only build them and set attributes, nothing is called. On GPUs the
     optimizer state is the same tensors and numbers (FusedAdam and CPU Adam keep exp_avg/exp_avg_sq/step),
     which ``bench/gpu_smoke.sh`` confirms by resuming a bf16 run."""
+    # heavy (deepspeed): imported only when a checkpoint is loaded
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+    from deepspeed.runtime.zero.config import ZeroStageEnum  # lazy: as above
+    from deepspeed.utils.tensor_fragment import fragment_address  # lazy: as above
 
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from onegen.errors import ManifestMismatch
 from onegen.prepared import PreparedData, check_tokenizer, not_an_output, open_prepared, read_output_manifest
-from onegen.tokens import tokenizer_fingerprint
+from onegen.tokens import add_special_tokens, tokenizer_fingerprint
 
 __all__ = ["PreparedData", "check_model_tokenizer", "check_tokenizer", "not_an_output", "open_prepared",
            "read_output_manifest"]
@@ -28,9 +28,8 @@ def check_model_tokenizer(model_dir: str | Path, tokenizer: Any, tokens: Any = N
     special tokens); the model dir's tokenizer gets the same special tokens added, then the two
     vocabularies must be equal. A dir without tokenizer files cannot be checked and is let through.
     """
+    # heavy (transformers): imported only when a pretrained model's tokenizer is checked
     from transformers import AutoTokenizer
-
-    from onegen.tokens import add_special_tokens
 
     model_dir = Path(model_dir)
     if not any((model_dir / m).is_file() for m in _TOKENIZER_MARKERS):

@@ -50,6 +50,7 @@ def _unknown(path: str, key: str, known: set[str], file: str) -> ConfigError:
 
 def _zero_keys() -> set[str]:
     """Every key DeepSpeed's ZeRO config accepts: its field names and their aliases (``stage3_*``)."""
+    # heavy (deepspeed): imported only when a config with a ZeRO section is checked
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     return {n for name, f in DeepSpeedZeroConfig.model_fields.items() for n in (name, f.alias) if n}
@@ -76,6 +77,7 @@ def validate_keys(cfg: dict[str, Any], file: str = "DeepSpeed config") -> None:
                 raise _unknown("scheduler.params.", sub, known, file)
     zero = cfg.get("zero_optimization")
     if zero:
+        # heavy (deepspeed): as in _zero_keys
         from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
         known_zero = _zero_keys()
@@ -157,6 +159,7 @@ def fill_auto(cfg: dict[str, Any], *, micro_batch: int, grad_accum: int, world_s
 
 
 def _cuda() -> bool:
+    # heavy (torch): imported where used, so reading a DeepSpeed config stays light
     import torch
 
     return torch.cuda.is_available()

@@ -5,6 +5,9 @@ sub-tokens of a short description ("information of question" for ``[RQ]``), as i
 ZeRO-3 the rows are partitioned across ranks, so the write happens inside
 ``deepspeed.zero.GatheredParameters(..., modifier_rank=0)``, which gathers, lets rank 0 modify and
 re-partitions the result to every rank.
+
+transformers and deepspeed are imported inside the functions that use them (``# lazy``): importing
+this module does not load them (``pipeline/train.py`` imports them only after setting their environment).
 """
 
 from __future__ import annotations
@@ -16,11 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 
+from data_prep.tokenizer import SMOLLM2_GGUF, smollm2_dir
 from onegen.devices import choose_attention, choose_dtype  # noqa: F401 (choose_dtype re-exported)
 from onegen.errors import ConfigError
+from onegen.hidden import decoder_of
 from onegen.tokens import SpecialTokens, base_vocab_size
 from pipeline.config import ModelConfig
+from pipeline.data import check_model_tokenizer
 
 log = logging.getLogger("onegen.model")
 
@@ -29,6 +36,7 @@ SMOLLM2_CACHE = Path(__file__).resolve().parent.parent / ".cache" / "models" / "
 
 def tiny_config(cfg: ModelConfig, vocab_size: int, tokenizer: Any):
     """A small model of the requested family, built from a config in code (no download)."""
+    # lazy: see module docstring
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
@@ -50,8 +58,6 @@ def smollm2_hf_dir() -> Path:
     """
     if (SMOLLM2_CACHE / "config.json").exists():
         return SMOLLM2_CACHE
-    from filelock import FileLock
-
     SMOLLM2_CACHE.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(SMOLLM2_CACHE) + ".lock"):
         if (SMOLLM2_CACHE / "config.json").exists():
@@ -60,9 +66,8 @@ def smollm2_hf_dir() -> Path:
 
 
 def _convert_smollm2() -> Path:
+    # lazy: see module docstring
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from data_prep.tokenizer import SMOLLM2_GGUF, smollm2_dir
 
     src = smollm2_dir()
     log.info("converting %s to an HF checkpoint in %s (once)", SMOLLM2_GGUF, SMOLLM2_CACHE)
@@ -99,6 +104,7 @@ def model_config(cfg: ModelConfig, tokenizer: Any) -> Any:
     source = resolve_source(cfg)
     if source is None:
         return tiny_config(cfg, max(cfg.vocab_size, len(tokenizer)), tokenizer)
+    # lazy: see module docstring
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code,
@@ -121,8 +127,9 @@ def model_hidden_size(config: Any) -> int:
 
 def build_model(cfg: ModelConfig, tokenizer: Any, *, seed: int, init_new_tokens: SpecialTokens | None) -> torch.nn.Module:
     """Create the model (under an active ``HfDeepSpeedConfig`` it is born partitioned for ZeRO-3)."""
+    # lazy: see module docstring
     from transformers import AutoModelForCausalLM
-    from transformers.integrations import is_deepspeed_zero3_enabled
+    from transformers.integrations import is_deepspeed_zero3_enabled  # lazy: as above
 
     dtype = choose_dtype(cfg.dtype)
     attn, why = choose_attention(cfg.attn_implementation, dtype)
@@ -137,8 +144,6 @@ def build_model(cfg: ModelConfig, tokenizer: Any, *, seed: int, init_new_tokens:
             init_special_rows(model, tokenizer, init_new_tokens, old_vocab=min(ids))
     else:
         if Path(source).is_dir():  # before loading any weights: the data's ids must be this model's ids
-            from pipeline.data import check_model_tokenizer
-
             check_model_tokenizer(source, tokenizer, init_new_tokens)
         model = AutoModelForCausalLM.from_pretrained(source, attn_implementation=attn, dtype=dtype,
                                                      trust_remote_code=cfg.trust_remote_code,
@@ -172,8 +177,6 @@ def freeze_below(model: torch.nn.Module, train_layers: int) -> int:
     (the new tokens' rows included); untied, the input embedding is frozen. Returns the number of
     frozen blocks.
     """
-    from onegen.hidden import decoder_of
-
     layers = getattr(decoder_of(model), "layers", None)
     if layers is None:
         raise ConfigError(f"model.train_layers: {type(model).__name__} has no decoder .layers to freeze")
@@ -191,9 +194,11 @@ def freeze_below(model: torch.nn.Module, train_layers: int) -> int:
 
 
 def _gathered(params: list[torch.nn.Parameter]):
+    # lazy: see module docstring
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     if is_deepspeed_zero3_enabled():
+        # lazy: see module docstring
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
@@ -229,6 +234,7 @@ def init_special_rows(model: torch.nn.Module, tokenizer: Any, tokens: SpecialTok
 
 
 def _zero3() -> bool:
+    # lazy: see module docstring
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     return is_deepspeed_zero3_enabled()

@@ -157,10 +157,11 @@ def plot_curves(output_dir: str | Path, path: str | Path | None = None) -> Path 
     rows = read_local_metrics(output_dir)
     if not rows:
         return None
+    # heavy (matplotlib): imported where the figure is drawn, with its Agg backend set first
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: as above
 
     output_dir = Path(output_dir)
     path = Path(path or output_dir / "training_curves.png")

@@ -15,6 +15,11 @@ micro-batch is two forwards (query rows and the unique documents they need) with
 all-gathers across ranks; the data position must be exact across resumes (units consumed, not
 "skip N batches"); and the loop is ~150 lines. The Trainer would need its data pipeline, loss,
 checkpoint naming and resume logic overridden — more code than it saves.
+
+Imports: DeepSpeed, transformers, torch and the pipeline modules that load them are imported inside
+the functions that use them (``# lazy``). DeepSpeed and transformers read environment variables at
+import that ``main()`` sets first (``apply_offline_defaults``); the rest stay off ``--help``'s path too
+(torch itself comes in with ``onegen.distributed``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import json
 import logging
 import math
 import os
+import resource
 import signal
 import socket
 import sys
@@ -34,15 +40,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import yaml
+from tqdm import tqdm
+
 # Run as a script too (deepspeed pipeline/train.py): onegen and pipeline import through the editable
 # install (pip install -e .), from any working directory.
 import onegen.distributed as collectives
 from onegen.config import dump_yaml, help_text, load_config
 from onegen.errors import OneGenError
+from onegen.manifest import git_commit
 from onegen.mlflow_tags import TAG_MODE, TAG_MODEL, TAG_STAGE, TRAIN_STAGE
+from onegen.prepared import check_tokenizer, open_prepared
 from onegen.runlock import DirLock
+from onegen.tokens import SpecialTokens, tokenizer_fingerprint
 from pipeline.config import TrainConfig
+from pipeline.ds_config import fill_auto, load_ds_config, zero_stage
 from pipeline.orphans import start_watchdog
+from pipeline.plan import BatchPlan, units_per_epoch
+from pipeline.tracking import Tracker, plot_curves, read_local_metrics, truncate_local_metrics
 
 log = logging.getLogger("onegen.train")
 FINAL_STATS = ("loss", "loss_gen", "loss_ret", "ret_acc")  # the summary's final losses, also kept in each checkpoint
@@ -56,8 +71,9 @@ def _free_port() -> int:
 
 def setup_distributed() -> tuple[int, int, int]:
     """Initialise torch.distributed under any launcher, or as a single process without one."""
+    # lazy: see module docstring
     import deepspeed
-    import torch
+    import torch  # lazy: as above
 
     if torch.distributed.is_initialized():  # train() starts it before the output dir's lock; _set_up asks again
         return torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
@@ -77,8 +93,7 @@ def setup_distributed() -> tuple[int, int, int]:
 
 def peak_memory_mb() -> float:
     """Peak accelerator memory on GPU; peak resident memory of this process on CPU."""
-    import resource
-
+    # lazy: see module docstring
     import torch
 
     if torch.cuda.is_available():
@@ -170,6 +185,7 @@ def _train_locked(cfg: TrainConfig) -> dict:
 def _output_lock(out: Path, rank: int, local_rank: int) -> Iterator[None]:
     """Rank 0 holds the output dir's lock (onegen/runlock.py) for the run's life, taken before any start-up
     clean-up or resume read; every rank learns the outcome, and all exit together when it is refused."""
+    # lazy: see module docstring
     import torch
 
     lock, failed = None, None
@@ -193,19 +209,17 @@ def _output_lock(out: Path, rank: int, local_rank: int) -> Iterator[None]:
 
 def _set_up(cfg: TrainConfig) -> Run:
     """Distributed start-up, data, model and engine, resume, output dir and tracker."""
+    # lazy: see module docstring
     import deepspeed
-    import torch
-    from transformers import AutoTokenizer
-    from transformers.integrations import HfDeepSpeedConfig
+    import torch  # lazy: as above
+    from transformers import AutoTokenizer  # lazy: as above
+    from transformers.integrations import HfDeepSpeedConfig  # lazy: as above
 
-    from onegen.prepared import check_tokenizer, open_prepared
-    from onegen.tokens import SpecialTokens
+    # lazy: see module docstring
     from pipeline import checkpoint as ckpt
-    from pipeline.collator import CollatorConfig, OneGenCollator
-    from pipeline.ds_config import fill_auto, load_ds_config, zero_stage
-    from pipeline.model import build_model, choose_dtype, model_config, model_hidden_size
-    from pipeline.plan import BatchPlan, units_per_epoch
-    from pipeline.wrapper import OneGenTrainModule
+    from pipeline.collator import CollatorConfig, OneGenCollator  # lazy: as above
+    from pipeline.model import build_model, choose_dtype, model_config, model_hidden_size  # lazy: as above
+    from pipeline.wrapper import OneGenTrainModule  # lazy: as above
 
     rank, world, _ = setup_distributed()
     if rank == 0:
@@ -259,12 +273,10 @@ def _set_up(cfg: TrainConfig) -> Run:
 
 def _prepare_output(run: Run) -> None:
     """Rank 0 cleans and writes the output dir (the others wait), then the tracker starts."""
+    # lazy: see module docstring
     import torch.distributed as dist
 
-    from onegen.manifest import git_commit
-    from pipeline import checkpoint as ckpt
-    from pipeline.ds_config import zero_stage
-    from pipeline.tracking import Tracker, truncate_local_metrics
+    from pipeline import checkpoint as ckpt  # lazy: as above
 
     cfg, out = run.cfg, run.out
     if run.is_main:
@@ -298,10 +310,9 @@ def _prepare_output(run: Run) -> None:
 
 def _loop(run: Run) -> bool:
     """Train to ``max_steps``; True when a signal stopped the run (after a checkpoint)."""
-    from tqdm import tqdm
-
+    # lazy: see module docstring
     from pipeline import checkpoint as ckpt
-    from pipeline.step import accumulate
+    from pipeline.step import accumulate  # lazy: as above
 
     cfg, engine = run.cfg, run.engine
     flag = StopFlag()
@@ -356,11 +367,9 @@ def _step_metrics(run: Run, stats: dict, n_tokens: float, seconds: float) -> dic
 
 def _finish(run: Run) -> dict:
     """Final evaluation, export, curves and summary."""
-    from onegen.tokens import tokenizer_fingerprint
+    # lazy: see module docstring
     from pipeline import checkpoint as ckpt
-    from pipeline.ds_config import zero_stage
-    from pipeline.export import export_model
-    from pipeline.tracking import plot_curves
+    from pipeline.export import export_model  # lazy: as above
 
     cfg, out, stats = run.cfg, run.out, run.last_stats
     final_eval = _evaluate(run) if run.eval_sets else {}
@@ -387,8 +396,6 @@ def _finish(run: Run) -> dict:
 
 def _saved_stats(state: dict, out: Path, step: int) -> dict:
     """The last step's losses of a resumed checkpoint (older checkpoints: its row of metrics.jsonl)."""
-    from pipeline.tracking import read_local_metrics
-
     if state.get("stats"):
         return dict(state["stats"])
     try:
@@ -401,8 +408,6 @@ def _saved_stats(state: dict, out: Path, step: int) -> dict:
 def _check_resume_config(out: Path, cfg: TrainConfig) -> None:
     """A checkpoint only fits the model it was written by: refuse a changed model/mode clearly
     (DeepSpeed would fail later with a bare tensor-shape error)."""
-    import yaml
-
     saved_path = out / "config.yaml"
     if not saved_path.exists():
         return
@@ -419,6 +424,7 @@ def _check_resume_config(out: Path, cfg: TrainConfig) -> None:
 
 def _evaluate(run: Run) -> dict:
     """Teacher-forced retrieval accuracy on each eval set (every rank runs it: ZeRO-3 forwards are collective)."""
+    # lazy: see module docstring
     from pipeline.teacher_forced import retrieval_accuracy
 
     cfg, results = run.cfg, {}
