@@ -136,21 +136,56 @@ Exit status 0 when every dir was logged, 2 otherwise.""")
 
 def cmd_index(cfg: IndexConfig) -> int:
     # Each command imports what it runs here: `--help` and the other commands do not pay for torch/faiss.
-    from evaluation.index import IndexParams
     from evaluation.index_reuse import ensure_index
-    from evaluation.precision import LEGACY
+    from evaluation.index_shards import launcher_shard, parse_shard
 
     if cfg.rows is not None and cfg.rows < 1:
         raise ConfigError(f"--rows must be >= 1, got {cfg.rows}")
+    if cfg.shard is not None and cfg.merge is not None:
+        raise ConfigError("--shard and --merge are separate steps: give one of them")
+    shard = parse_shard(cfg.shard) if cfg.shard else (launcher_shard() if cfg.merge is None else None)
+    if shard is not None or cfg.merge is not None:
+        return _index_sharded(cfg, shard)
     man, built = ensure_index(cfg.model, cfg.data, cfg.out, kind=cfg.kind, force=cfg.force, device=cfg.device,
                               batch_size=cfg.batch_size, progress=cfg.progress, dtype=cfg.dtype, attn=cfg.attn,
-                              params=IndexParams(faiss_fp16=cfg.faiss_fp16), rows=cfg.rows)
+                              params=cfg.faiss, rows=cfg.rows)
+    _say_index(cfg.out, man, "built" if built else "reused")
+    return 0
+
+
+def _index_sharded(cfg: IndexConfig, shard: tuple[int, int] | None) -> int:
+    """One shard (``--shard I/N``, or this rank's under a launcher: rank 0 then merges), or ``--merge N``."""
+    from evaluation.index_reuse import reusable_index, say_reused  # (see cmd_index)
+    from evaluation.index_shards import encode_shard, merge_shards, set_up_rank, wait_for_shards
+
+    launched = cfg.shard is None and cfg.merge is None
+    device = (set_up_rank() or cfg.device) if launched and cfg.device is None else cfg.device
+    if not cfg.force:
+        man, _ = reusable_index(cfg.model, cfg.data, cfg.out, kind=cfg.kind, device=device, dtype=cfg.dtype,
+                                attn=cfg.attn, rows=cfg.rows, log=lambda m: None)
+        if man is not None:
+            say_reused(man, cfg.out, cfg.rows, cfg.faiss, print)
+            return 0
+    if shard is not None:
+        i, n = shard
+        encode_shard(cfg.model, cfg.data, cfg.out, i, n, batch_size=cfg.batch_size, device=device, dtype=cfg.dtype,
+                     attn=cfg.attn, rows=cfg.rows, progress=cfg.progress)
+        if not launched or i != 0:
+            return 0
+        wait_for_shards(cfg.out, n)
+    man = merge_shards(cfg.out, cfg.merge or shard[1], kind=cfg.kind, params=cfg.faiss)  # type: ignore[index]
+    _say_index(cfg.out, man, "merged")
+    return 0
+
+
+def _say_index(out: Path, man: dict, how: str) -> None:
+    from evaluation.precision import LEGACY  # (see cmd_index)
+
     dtype, attn = (man.get(k, LEGACY[k]) for k in ("dtype", "attn"))
     sub = man.get("subset")
     what = f"{man['count']} documents" + (f" (the first {sub['rows']} rows' own, of {sub['of_docs']})" if sub else "")
-    print(f"{'built' if built else 'reused'} {cfg.out}: {what}, dim {man['dim']}, kind {man['kind']}, "
-          f"model {man['model_fingerprint'][:12]}, {dtype} + {attn}")
-    return 0
+    print(f"{how} {out}: {what}, dim {man['dim']}, kind {man['kind']}, model {man['model_fingerprint'][:12]}, "
+          f"{dtype} + {attn}")
 
 
 def cmd_run(cfg: RunConfig) -> int:

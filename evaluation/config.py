@@ -20,7 +20,7 @@ Attn = Literal["auto", "sdpa", "eager", "flash_attention_2"]  # "auto" + onegen.
 Normalization = Literal["default", "official"]  # evaluation.metrics implements them
 PipelineQuery = Literal["full", "latest", "lead"]  # evaluation.retrievers.RetrievalStep.pipeline_query
 Setting = Literal["distractor", "open"]
-IndexKind = Literal["flat", "ivf", "hnsw"]
+IndexKind = Literal["flat", "ivf", "ivfpq", "hnsw"]
 MethodName = Literal[tuple(METHOD_NAMES)]  # type: ignore[valid-type]  (onegen.methods: the one registry)
 
 NORMALIZATIONS: tuple[str, ...] = typing.get_args(Normalization)
@@ -49,9 +49,24 @@ def _attn() -> Any:
                         "another precision is rebuilt, not reused")
 
 
-def _faiss_fp16() -> Any:
-    return _opt(False, "GPU faiss: hold a flat index's vectors in fp16 on the GPUs (half the memory, scores to ~1e-3). "
-                       "On several GPUs the index is sharded (each holds 1/n) either way")
+@dataclass
+class IndexParams:
+    """faiss parameters: of the approximate kinds at build and search time, and of GPU storage."""
+
+    nlist: int | None = _opt(None, "ivf/ivfpq: inverted lists (default: round(sqrt(N)))")
+    nprobe: int | None = _opt(None, "ivf/ivfpq: lists visited per search (default: max(8, nlist // 8); given at "
+                                    "search time, it overrides the index's own)")
+    pq_m: int | None = _opt(None, "ivfpq: sub-quantizers of 8 bits = bytes per vector; must divide the dimension "
+                                  "(default: dimension / 4)")
+    hnsw_m: int = _opt(32, "hnsw: neighbours per node")
+    ef_search: int | None = _opt(None, "hnsw: search breadth (default 128; given at search time, it overrides the "
+                                       "index's own)")
+    faiss_fp16: bool = _opt(False, "GPU faiss: hold a flat index's vectors in fp16 on the GPUs (half the memory, "
+                                   "scores to ~1e-3). On several GPUs the index is sharded (each holds 1/n) either way")
+
+
+def _faiss() -> Any:
+    return field(default_factory=IndexParams, metadata={"flat": True, "help": "faiss parameters (flags of their own)"})
 
 
 def _device() -> Any:
@@ -69,7 +84,8 @@ class IndexConfig:
     model: Path = _required("exported checkpoint dir (pipeline/train.py OUTPUT/model)")
     data: Path = _required("prepared dataset dir (data_prep output)")
     out: Path = _required("index dir to write")
-    kind: IndexKind = _opt("flat", "flat: exact inner product; ivf / hnsw: approximate, for large pools")
+    kind: IndexKind = _opt("flat", "flat: exact inner product; ivf, ivfpq (product-quantised) and hnsw: approximate, "
+                                   "for large pools")
     batch_size: int = _opt(64, "documents per forward (sorted by length first)")
     rows: int | None = _opt(None, "encode only the documents the first N query rows can retrieve in the distractor "
                                   "setting (their candidates + gold positives): a subset index, recorded in its "
@@ -77,7 +93,11 @@ class IndexConfig:
     device: str | None = _device()
     dtype: Dtype = _dtype()
     attn: Attn = _attn()
-    faiss_fp16: bool = _faiss_fp16()
+    faiss: IndexParams = _faiss()
+    shard: str | None = _opt(None, "I/N: encode only slice I (0-based) of N of the documents into OUT.shards/ and "
+                                   "stop: one task of a job array, then --merge (under torchrun every rank takes its "
+                                   "own slice and rank 0 merges, with no flag)")
+    merge: int | None = _opt(None, "N: merge the N shards of OUT.shards/ (after every --shard I/N task) into the index")
     force: bool = _opt(False, "rebuild even if a complete index is there")
     progress: bool = _progress()
 
@@ -116,7 +136,7 @@ class RunConfig:
     device: str | None = _device()
     dtype: Dtype = _dtype()
     attn: Attn = _attn()
-    faiss_fp16: bool = _faiss_fp16()
+    faiss: IndexParams = _faiss()
     gen_batch_size: int = _opt(1, "questions (RAG) or texts (EL) decoded together, one batched forward per step "
                                   "(same outputs, more per second; s/question is then a throughput, not a latency)")
     tracking: bool = _opt(True, "log an MLflow run (flag --no-mlflow: results on disk only)", flags=("--no-mlflow",),

@@ -23,7 +23,8 @@ reused only for runs over at most those N rows in the distractor setting (``inde
 refuses an open-setting search.
 
 Kinds: ``flat`` (``IndexFlatIP``, exact, default), ``ivf`` (``IndexIVFFlat``, nlist ≈ √N,
-approximate), ``hnsw`` (``IndexHNSWFlat``, approximate). With faiss-gpu and CUDA, flat/ivf
+approximate), ``ivfpq`` (``IndexIVFPQ``: the same lists, vectors product-quantised to ``pq_m``
+bytes), ``hnsw`` (``IndexHNSWFlat``, approximate); ``params.bytes_per_vector`` in the manifest. With faiss-gpu and CUDA, flat/ivf
 indexes are searched on the GPUs, *sharded* (each GPU holds 1/n of the vectors; faiss's default
 would replicate the whole index on every GPU), optionally stored in fp16 (``faiss_fp16``); ivf is
 also trained and filled there. A flat index is filled on the CPU (adding is a copy); HNSW stays on
@@ -40,19 +41,22 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+import typing
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from evaluation.checks import model_manifest
+from evaluation.config import IndexKind, IndexParams
+from evaluation.doc_select import doc_positions, encode_into, subset_doc_ids
 from onegen.errors import ConfigError, ManifestMismatch
 from onegen.manifest import fingerprint_files, read_manifest, write_manifest
+from onegen.prepared import open_prepared
 from onegen.runlock import LOCK_NAME, DirLock
 
-IndexKind = Literal["flat", "ivf", "hnsw"]
-KINDS = ("flat", "ivf", "hnsw")
+KINDS: tuple[str, ...] = typing.get_args(IndexKind)
 EMBEDDINGS = "embeddings.npy"
 DOC_IDS = "doc_ids.json"
 FAISS_FILE = "index.faiss"
@@ -60,19 +64,8 @@ ADD_CHUNK = 65536  # vectors per faiss add
 Hits = list[tuple[str, float]]
 
 
-@dataclass
-class IndexParams:
-    """Parameters of the approximate kinds (ignored by ``flat``)."""
-
-    nlist: int | None = field(default=None, metadata={"help": "ivf: inverted lists; None = round(sqrt(N))"})
-    nprobe: int | None = field(default=None, metadata={"help": "ivf: lists visited per search; None = max(8, nlist // 8)"})
-    hnsw_m: int = field(default=32, metadata={"help": "hnsw: neighbours per node"})
-    ef_search: int = field(default=128, metadata={"help": "hnsw: search breadth"})
-    faiss_fp16: bool = field(default=False, metadata={"help": "GPU faiss: hold a flat index's vectors in fp16 on "
-                             "the GPUs (half the memory, scores to ~1e-3; faiss keeps IVFFlat lists in fp32)"})
-
-
 def _faiss():
+    # heavy (faiss): imported where an index is built or searched (tests replace this function)
     import faiss
 
     return faiss
@@ -80,6 +73,7 @@ def _faiss():
 
 def faiss_has_gpu() -> bool:
     """True when faiss was built with GPU support, sees a GPU, and torch sees CUDA."""
+    # heavy (torch): imported only when GPU faiss is asked about
     import torch
 
     faiss = _faiss()
@@ -134,14 +128,24 @@ def _make_faiss(emb: np.ndarray, kind: str, params: IndexParams) -> tuple[object
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
         used = {"nlist": nlist, "nprobe": min(nlist, params.nprobe or max(8, nlist // 8))}
+    elif kind == "ivfpq":
+        nlist = params.nlist or max(1, round(math.sqrt(n)))
+        m = params.pq_m or max(1, d // 4)
+        if d % m:
+            raise ConfigError(f"ivfpq index: pq_m={m} does not divide the dimension {d}")
+        if nlist > n or n < 256:  # 8-bit codes: 256 centroids per sub-quantizer need >= 256 training vectors
+            raise ConfigError(f"ivfpq index: {n} documents are too few (nlist={nlist}, and 256 per code book); "
+                              f"use kind=flat or ivf")
+        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
+        used = {"nlist": nlist, "nprobe": min(nlist, params.nprobe or max(8, nlist // 8)), "pq_m": m, "pq_bits": 8}
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        used = {"hnsw_m": params.hnsw_m, "ef_search": params.ef_search}
+        used = {"hnsw_m": params.hnsw_m, "ef_search": params.ef_search or 128}
     else:
         raise ConfigError(f"index kind {kind!r} is not one of {list(KINDS)}")
     # Only ivf gains from the GPUs at build time (list assignment); a flat add is a copy.
     gpu = kind == "ivf" and faiss_has_gpu()
-    if kind == "ivf":
+    if kind in ("ivf", "ivfpq"):
         _train_ivf(faiss, index, emb, used["nlist"], gpu)
     work = index
     if gpu:
@@ -149,12 +153,24 @@ def _make_faiss(emb: np.ndarray, kind: str, params: IndexParams) -> tuple[object
     for s in range(0, n, ADD_CHUNK):  # sharded ivf numbers the vectors itself, so chunks are fine
         work.add(np.ascontiguousarray(emb[s:s + ADD_CHUNK]))
     used["built_on_gpu"] = gpu
+    used["bytes_per_vector"] = _bytes_per_vector(kind, d, used)
     return (faiss.index_gpu_to_cpu(work) if gpu else work), used
+
+
+def _bytes_per_vector(kind: str, d: int, used: dict) -> float:
+    """The index's own memory per vector (besides the float32 embeddings kept for exact re-scoring):
+    codes plus ids; hnsw adds its graph's links (2·M neighbours at level 0, 4 bytes each)."""
+    if kind == "ivfpq":
+        return float(used["pq_m"] * used["pq_bits"] // 8 + 8)
+    if kind == "hnsw":
+        return float(4 * d + 2 * used["hnsw_m"] * 4)
+    return float(4 * d + (8 if kind == "ivf" else 0))
 
 
 def _runtime_for(model_dir: str | Path, data: Any, fingerprint: str, runtime: Any, device: str | None, dtype: str,
                  attn: str) -> Any:
     """The given runtime (checked to hold ``model_dir``'s checkpoint), else ``model_dir`` loaded."""
+    # heavy (evaluation.runtime loads torch): imported where a model is needed
     from evaluation.runtime import check_compatible, load_runtime
 
     if runtime is None:
@@ -179,10 +195,6 @@ def build_index(model_dir: str | Path, prepared_dir: str | Path, out_dir: str | 
     (``evaluation.runtime.resolve_precision``). The vectors are float32 whatever the dtype.
     Returns the index manifest.
     """
-    from evaluation.checks import model_manifest
-    from evaluation.doc_select import doc_positions, encode_into, subset_doc_ids
-    from onegen.prepared import open_prepared
-
     if kind not in KINDS:
         raise ConfigError(f"index kind {kind!r} is not one of {list(KINDS)}")
     if batch_size < 1:
@@ -202,7 +214,7 @@ def build_index(model_dir: str | Path, prepared_dir: str | Path, out_dir: str | 
         runtime = _runtime_for(model_dir, data, mman["fingerprint"], runtime, device, dtype, attn)
         n, dim = len(positions), int(runtime.model.config.hidden_size)
 
-        _remove_leftovers(out_dir)
+        remove_leftovers(out_dir)
         tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -215,27 +227,32 @@ def build_index(model_dir: str | Path, prepared_dir: str | Path, out_dir: str | 
             bar.close()
             emb.flush()
             (tmp / DOC_IDS).write_text(json.dumps([all_ids[p] for p in positions]))
-            index, used = _make_faiss(np.asarray(emb), kind, params)
+            manifest = finish_index(
+                tmp, emb, kind, params, t0, model_fingerprint=mman["fingerprint"],
+                model_dir=str(Path(model_dir).resolve()), prepared_fingerprint=data.fingerprint,
+                prepared_dir=str(Path(prepared_dir).resolve()), task=data.task, count=n, dim=dim, subset=subset,
+                ret_tokens=runtime.tagger.tokens.doc_ret_tokens(), **runtime.precision_record(),
+                encode_seconds=round(t_enc, 3))
             del emb
-            _faiss().write_index(index, str(tmp / FAISS_FILE))
-            files = [EMBEDDINGS, DOC_IDS, FAISS_FILE]
-            manifest = write_manifest(
-                tmp, "index", fingerprint=fingerprint_files(tmp, files),
-                model_fingerprint=mman["fingerprint"], model_dir=str(Path(model_dir).resolve()),
-                prepared_fingerprint=data.fingerprint, prepared_dir=str(Path(prepared_dir).resolve()),
-                task=data.task, count=n, dim=dim, metric="ip", normalized=True, kind=kind, params=used, subset=subset,
-                ret_tokens=runtime.tagger.tokens.doc_ret_tokens(), faiss_version=_faiss().__version__,
-                **runtime.precision_record(), faiss_gpu={"shard": True, "fp16": bool(params.faiss_fp16)},
-                encode_seconds=round(t_enc, 3), build_seconds=round(time.perf_counter() - t0, 3),
-            )
-            _replace_dir(tmp, out_dir)
+            replace_dir(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return manifest
 
 
-def _remove_leftovers(out_dir: Path) -> None:
+def finish_index(tmp: Path, emb: np.ndarray, kind: str, params: IndexParams, t0: float, **fields: Any) -> dict:
+    """The faiss index over ``emb`` (already in ``tmp/embeddings.npy``, ids in ``tmp/doc_ids.json``) and
+    the manifest, written last: what a one-process build and a merge of shards both end with."""
+    index, used = _make_faiss(np.asarray(emb), kind, params)
+    _faiss().write_index(index, str(tmp / FAISS_FILE))
+    return write_manifest(tmp, "index", fingerprint=fingerprint_files(tmp, [EMBEDDINGS, DOC_IDS, FAISS_FILE]),
+                          metric="ip", normalized=True, kind=kind, params=used, faiss_version=_faiss().__version__,
+                          faiss_gpu={"shard": True, "fp16": bool(params.faiss_fp16)},
+                          **fields, build_seconds=round(time.perf_counter() - t0, 3))
+
+
+def remove_leftovers(out_dir: Path) -> None:
     """Delete the temp/aside dirs of builds that were killed (SIGKILL skips our cleanup); a build
     still running (its pid alive) keeps its own."""
     for p in list(out_dir.parent.glob(f".{out_dir.name}.tmp-*")) + list(out_dir.parent.glob(f".{out_dir.name}.old-*")):
@@ -251,7 +268,7 @@ def _remove_leftovers(out_dir: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
+def replace_dir(tmp: Path, out_dir: Path) -> None:
     """Rename the finished temp dir into place; an old index there is moved aside first, then deleted."""
     old = None
     if out_dir.exists():
@@ -368,7 +385,8 @@ def _load_embeddings(path: Path, mmap: bool) -> np.ndarray:
 
 
 def open_index(index_dir: str | Path, model_dir: str | Path | None = None, *, use_gpu: bool | None = None,
-               nprobe: int | None = None, mmap: bool = True, fp16: bool | None = None) -> DocIndex:
+               nprobe: int | None = None, ef_search: int | None = None, mmap: bool = True,
+               fp16: bool | None = None) -> DocIndex:
     """Load an index directory (no pickle anywhere) and check it against the checkpoint ``model_dir``.
 
     Raises ``ManifestMismatch`` when the directory is incomplete (no manifest: an interrupted
@@ -382,8 +400,6 @@ def open_index(index_dir: str | Path, model_dir: str | Path | None = None, *, us
         if not (index_dir / f).is_file():
             raise ManifestMismatch(f"{index_dir} has a manifest but no {f}: the index is incomplete; rebuild it")
     if model_dir is not None:
-        from evaluation.checks import model_manifest
-
         want = model_manifest(model_dir)["fingerprint"]
         if man.get("model_fingerprint") != want:
             raise ManifestMismatch(
@@ -411,10 +427,10 @@ def open_index(index_dir: str | Path, model_dir: str | Path | None = None, *, us
     if index.ntotal != man["count"]:
         raise ManifestMismatch(f"{index_dir}/{FAISS_FILE} holds {index.ntotal} vectors, the manifest says {man['count']}")
     params = man.get("params", {})
-    if man.get("kind") == "ivf":
+    if man.get("kind") in ("ivf", "ivfpq"):
         index.nprobe = int(nprobe or params.get("nprobe", 8))
     elif man.get("kind") == "hnsw":
-        index.hnsw.efSearch = int(params.get("ef_search", 128))
+        index.hnsw.efSearch = int(ef_search or params.get("ef_search", 128))
     gpu = None
     if (faiss_has_gpu() if use_gpu is None else use_gpu) and man.get("kind") != "hnsw":
         half = bool(man.get("faiss_gpu", {}).get("fp16", False)) if fp16 is None else fp16

@@ -14,7 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from evaluation.checks import preflight
+from evaluation.index import DOC_IDS, EMBEDDINGS, FAISS_FILE, build_index, open_index
 from onegen.errors import ManifestMismatch
+from onegen.manifest import read_manifest
 
 
 def _subset_words(sub: dict) -> str:
@@ -37,9 +40,8 @@ def existing_index_ok(out_dir: Path, model_fp: str, data_fp: str, kind: str | No
     """Whether ``out_dir`` already holds a complete index of this model + data (+ kind, + the dtype and
     attention of ``precision``, a ``Precision.record()``) with the documents of ``rows`` (None: all);
     and why not."""
-    from evaluation.index import DOC_IDS, EMBEDDINGS, FAISS_FILE
+    # heavy (evaluation.precision loads torch): imported where used
     from evaluation.precision import LEGACY
-    from onegen.manifest import read_manifest
 
     if not (out_dir / "manifest.json").is_file():
         return False, "no index there yet"
@@ -75,18 +77,13 @@ def rows_to_index(data: Any, setting: str, n: int) -> int | None:
     return n if all(len(c) for c in cands) else None
 
 
-def ensure_index(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path, *, kind: str = "flat",
-                 force: bool = False, runtime=None, device: str | None = None, batch_size: int = 64,
-                 progress: bool = True, log: Callable[[str], None] = print, dtype: str = "auto", attn: str = "auto",
-                 params=None, rows: int | None = None) -> tuple[dict, bool]:
-    """Build the index unless a complete one of the same model + data + kind + dtype + attention,
-    holding the documents of ``rows`` (None: every document), is there; ``(manifest, built)``. A
-    build with ``rows`` encodes only the documents of the first ``rows`` rows (a subset index).
-    ``runtime``: a loaded runtime to encode with (its precision counts); ``params``:
-    ``evaluation.index.IndexParams``."""
-    from evaluation.checks import preflight
+def reusable_index(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path, *, kind: str = "flat",
+                   runtime=None, device: str | None = None, dtype: str = "auto", attn: str = "auto",
+                   rows: int | None = None, log: Callable[[str], None] = print) -> tuple[dict | None, str]:
+    """The manifest of a complete index at ``out_dir`` that serves this request (same model + data + kind
+    + dtype + attention, holding the documents of ``rows``), else None; and why not."""
+    # heavy (evaluation.precision loads torch): imported where used
     from evaluation.precision import resolve_precision
-    from onegen.manifest import read_manifest
 
     out_dir = Path(out_dir)
     # Manifests, shard sizes and tokenizer fingerprints, and the dtype/attention choice (torch, no model):
@@ -96,19 +93,37 @@ def ensure_index(model_dir: str | Path, data_dir: str | Path, out_dir: str | Pat
     if runtime is None:  # (a run with its runtime has said it already)
         log(f"precision: {prec['dtype']}, attention {prec['attn']} ({prec['attn_reason']}), on {prec['device']}")
     ok, why = existing_index_ok(out_dir, mman["fingerprint"], dman["fingerprint"], kind, prec, rows)
-    if ok and not force:
-        man = read_manifest(out_dir, expect_stage="index")
-        what = "complete" if not man.get("subset") else covers(man, rows)[1]
-        log(f"index {out_dir}: {what} for this checkpoint, data and precision, reused (--force rebuilds it)")
-        half = bool(man.get("faiss_gpu", {}).get("fp16", False))
-        if params is not None and params.faiss_fp16 != half:  # not a build input: the saved index is exact fp32
-            log(f"index {out_dir}: GPU fp16 storage is chosen when the index is searched (`run --faiss-fp16`); "
-                f"the saved index is exact fp32 and its recorded default stays {'fp16' if half else 'fp32'}")
-        return man, False
-    if out_dir.exists() and not ok:
-        log(f"index {out_dir}: rebuilding, {why}")
-    from evaluation.index import build_index
+    if not ok:
+        return None, why
+    return read_manifest(out_dir, expect_stage="index"), why
 
+
+def say_reused(man: dict, out_dir: Path, rows: int | None, params, log: Callable[[str], None]) -> None:
+    what = "complete" if not man.get("subset") else covers(man, rows)[1]
+    log(f"index {out_dir}: {what} for this checkpoint, data and precision, reused (--force rebuilds it)")
+    half = bool(man.get("faiss_gpu", {}).get("fp16", False))
+    if params is not None and params.faiss_fp16 != half:  # not a build input: the saved index is exact fp32
+        log(f"index {out_dir}: GPU fp16 storage is chosen when the index is searched (`run --faiss-fp16`); "
+            f"the saved index is exact fp32 and its recorded default stays {'fp16' if half else 'fp32'}")
+
+
+def ensure_index(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path, *, kind: str = "flat",
+                 force: bool = False, runtime=None, device: str | None = None, batch_size: int = 64,
+                 progress: bool = True, log: Callable[[str], None] = print, dtype: str = "auto", attn: str = "auto",
+                 params=None, rows: int | None = None) -> tuple[dict, bool]:
+    """Build the index unless a complete one of the same model + data + kind + dtype + attention,
+    holding the documents of ``rows`` (None: every document), is there; ``(manifest, built)``. A
+    build with ``rows`` encodes only the documents of the first ``rows`` rows (a subset index).
+    ``runtime``: a loaded runtime to encode with (its precision counts); ``params``:
+    ``evaluation.config.IndexParams``."""
+    out_dir = Path(out_dir)
+    man, why = reusable_index(model_dir, data_dir, out_dir, kind=kind, runtime=runtime, device=device, dtype=dtype,
+                              attn=attn, rows=rows, log=log)
+    if man is not None and not force:
+        say_reused(man, out_dir, rows, params, log)
+        return man, False
+    if out_dir.exists() and man is None:
+        log(f"index {out_dir}: rebuilding, {why}")
     man = build_index(model_dir, data_dir, out_dir, kind=kind, runtime=runtime, device=device,  # type: ignore[arg-type]
                       batch_size=batch_size, progress=progress, dtype=dtype, attn=attn, params=params, rows=rows)
     sub = f"; a subset: {_subset_words(man['subset'])}" if man.get("subset") else ""
@@ -121,9 +136,8 @@ def check_given_index(index_dir: Path, model_dir: Path, data_dir: Path, dman: di
     """Refuse an index of another checkpoint or dataset, an incomplete one, or a subset index without
     the documents of ``rows`` (None: every document); say so when it was built in another precision
     than this run's (it is used: the user chose it)."""
-    from evaluation.index import open_index
+    # heavy (evaluation.precision loads torch): imported where used
     from evaluation.precision import LEGACY
-    from onegen.manifest import read_manifest
 
     open_index(index_dir, model_dir, use_gpu=False)
     iman = read_manifest(index_dir, expect_stage="index")

@@ -47,7 +47,7 @@ import numpy as np
 from evaluation import plots
 from evaluation.checks import preflight
 from evaluation.config import NORMALIZATIONS, PIPELINE_QUERIES, SETTINGS, RunConfig
-from evaluation.index import IndexParams, open_index
+from evaluation.index import open_index
 from evaluation.index_reuse import check_given_index, ensure_index, rows_to_index
 from evaluation.tasks import el_part, rag_part
 from evaluation.tracking import EvalTracker, resolve_tracking_uri, train_link
@@ -197,7 +197,7 @@ def _run_locked(req: RunConfig, out: Path, task: str, dman: dict, mman: dict, oc
         "model_source": mman.get("model_source"), "data": str(data_dir.resolve()), "data_fingerprint": dman["fingerprint"],
         "dataset": data_dir.resolve().name, "max_examples": req.max_examples, "train_run_id": train_run_id,
         "tokenizer_fingerprint": mman.get("tokenizer_fingerprint"), "dtype": prec["dtype"], "attn": prec["attn"],
-        "attn_reason": prec["attn_reason"], "faiss_fp16": req.faiss_fp16, "normalization": req.normalization,
+        "attn_reason": prec["attn_reason"], "faiss_fp16": req.faiss.faiss_fp16, "normalization": req.normalization,
         "pipeline_query": req.pipeline_query,
         **{f"extra.{k}": v for k, v in req.extra_params.items()},
     })
@@ -239,8 +239,9 @@ def _load(req: RunConfig, out: Path, task: str, ocfg: dict, index_dir: Path | No
             index_dir = out / "index"
             n = len(data) if req.max_examples is None else min(req.max_examples, len(data))
             ensure_index(req.model, req.data, index_dir, kind=req.kind, runtime=rt, progress=req.progress, log=log,
-                         params=IndexParams(faiss_fp16=req.faiss_fp16), rows=rows_to_index(data, req.setting, n))
-        idx = open_index(index_dir, req.model, fp16=req.faiss_fp16)
+                         params=req.faiss, rows=rows_to_index(data, req.setting, n))
+        idx = open_index(index_dir, req.model, fp16=req.faiss.faiss_fp16, nprobe=req.faiss.nprobe,
+                         ef_search=req.faiss.ef_search)
     man = idx.manifest if idx is not None else {}
     opened = idx is not None
     params: dict[str, Any] = {"index": str(index_dir) if index_dir else None, "index_fingerprint": man.get("fingerprint"),

@@ -11,6 +11,8 @@ Field metadata the flags read:
   ``flags``  the option strings (default ``--field-name``; a bool that defaults to true gets
              ``--no-field-name``); ``()``: no flag, set in a recipe or as ``key=value`` only
   ``flag_help``  the flag's help where it differs from the field's (a flag that turns a default off)
+  ``flat``   on a section (a dataclass field): its scalar fields get flags of their own names
+             (``--nprobe`` sets ``faiss.nprobe``)
 """
 
 from __future__ import annotations
@@ -36,16 +38,20 @@ def _dest(name: str) -> str:
     return f"cfg__{name}"
 
 
-def _flag_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
-    """(field, plain type) of every field that has a flag: scalars, not sections, lists or mappings."""
+def _flag_fields(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field, Any]]:
+    """(dotted key, field, plain type) of every field that has a flag: scalars, and the scalars of a
+    section marked ``flat`` (``faiss.nprobe`` -> ``--nprobe``); not other sections, lists or mappings."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
         tp = _plain(hints[f.name])
+        if dataclasses.is_dataclass(tp) and f.metadata.get("flat"):
+            out += _flag_fields(tp, f"{prefix}{f.name}.")
+            continue
         compound = tp in (list, dict, tuple) or typing.get_origin(tp) in (list, dict, tuple)
         if f.metadata.get("flags") == () or dataclasses.is_dataclass(tp) or compound:
             continue
-        out.append((f, tp))
+        out.append((prefix + f.name, f, tp))
     return out
 
 
@@ -61,9 +67,9 @@ def _default_words(f: dataclasses.Field) -> str:
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """A flag on ``parser`` for every scalar field of ``cls`` (see the module docstring)."""
-    for f, tp in _flag_fields(cls):
+    for key, f, tp in _flag_fields(cls):
         dash = f.name.replace("_", "-")
-        kw: dict[str, Any] = {"dest": _dest(f.name), "default": None}
+        kw: dict[str, Any] = {"dest": _dest(key), "default": None}
         if tp is bool:
             names = f.metadata.get("flags") or ((f"--no-{dash}",) if f.default is True else (f"--{dash}",))
             kw.update(action="store_const", const=not f.default)
@@ -83,8 +89,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
 def flag_overrides(ns: argparse.Namespace, cls: type) -> list[str]:
     """``key=value`` overrides of the flags given on the command line (JSON values: also YAML)."""
     out = []
-    for f, _ in _flag_fields(cls):
-        value = getattr(ns, _dest(f.name), None)
+    for key, _, _ in _flag_fields(cls):
+        value = getattr(ns, _dest(key), None)
         if value is not None:
-            out.append(f"{f.name}={json.dumps(str(value) if isinstance(value, Path) else value)}")
+            out.append(f"{key}={json.dumps(str(value) if isinstance(value, Path) else value)}")
     return out

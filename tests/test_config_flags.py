@@ -94,4 +94,16 @@ def test_eval_recipe_errors_name_file_line_and_field(tmp_path):
 def test_help_config_lists_every_field(cmd, cls, capsys):
     assert main([cmd, "--help-config"]) == 0
     listed = [line.split("=")[0].strip() for line in capsys.readouterr().out.splitlines()]
-    assert listed == [f.name for f in dataclasses.fields(cls)]
+
+    def names(c: type, prefix: str = "") -> list[str]:
+        return [n for f in dataclasses.fields(c)
+                for n in (names(f.default_factory, f"{prefix}{f.name}.") if dataclasses.is_dataclass(f.default_factory)
+                          else [prefix + f.name])]
+
+    assert listed == names(cls)
+
+
+def test_a_flat_section_gets_flags_of_its_own_names():
+    cfg = _eval("run", "--model", "m", "--data", "d", "--nprobe", "16", "--faiss-fp16", "faiss.ef_search=64")
+    assert (cfg.faiss.nprobe, cfg.faiss.faiss_fp16, cfg.faiss.ef_search) == (16, True, 64)
+    assert _eval("index", "--model", "m", "--data", "d", "--out", "o", "--kind", "ivfpq", "--pq-m", "8").faiss.pq_m == 8

@@ -17,7 +17,8 @@ import typing
 
 from evaluation.cli import _config, _parser, main
 from evaluation.config import Attn, Dtype
-from evaluation.index import IndexParams, build_index, gpu_cloner_options, open_index
+from evaluation.config import IndexParams
+from evaluation.index import build_index, gpu_cloner_options, open_index
 from evaluation.precision import resolve_precision
 from evaluation.index_reuse import existing_index_ok
 from evaluation.runtime import load_runtime
@@ -42,9 +43,9 @@ def test_cli_choices_are_those_of_onegen_devices():
 def test_flags_parse_and_help_states_the_default(cmd, capsys):
     base = ["--model", "M", "--data", "D"] + (["--out", "O"] if cmd == "index" else [])
     cfg = _config(_parser().parse_args([cmd, *base]))
-    assert (cfg.dtype, cfg.attn, cfg.faiss_fp16) == ("auto", "auto", False)
+    assert (cfg.dtype, cfg.attn, cfg.faiss.faiss_fp16) == ("auto", "auto", False)
     cfg = _config(_parser().parse_args([cmd, *base, "--dtype", "bf16", "--attn", "flash_attention_2", "--faiss-fp16"]))
-    assert (cfg.dtype, cfg.attn, cfg.faiss_fp16) == ("bf16", "flash_attention_2", True)
+    assert (cfg.dtype, cfg.attn, cfg.faiss.faiss_fp16) == ("bf16", "flash_attention_2", True)
     with pytest.raises(SystemExit):
         _parser().parse_args([cmd, *base, "--dtype", "fp64"])
     with pytest.raises(SystemExit):
