@@ -14,6 +14,7 @@ from pathlib import Path
 from onegen.errors import ManifestMismatch
 from onegen.manifest import ONEGEN_CONFIG
 from onegen.prepared import read_output_manifest
+from onegen.shards import verify_shards
 
 
 def model_manifest(model_dir: str | Path) -> dict:
@@ -56,8 +57,6 @@ def preflight(model_dir: str | Path, data_dir: str | Path) -> tuple[dict, dict, 
 
     Returns ``(model manifest, onegen_config, data manifest)``.
     """
-    from onegen.shards import verify_shards
-
     mman = model_manifest(model_dir)
     ocfg = onegen_config(model_dir)
     dman = read_output_manifest(data_dir, "data_prep")

@@ -17,14 +17,20 @@ import csv
 import io
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from rich.console import Console
+from rich.table import Table
+
+from evaluation.plots import comparison_figure
 from onegen.bootstrap import CI, RESAMPLES, SEED, bootstrap_ci, question_values
 from onegen.errors import ConfigError
 from onegen.methods import METHOD_NAMES
+from onegen.mlflow_store import open_client, sqlite_path
 from onegen.mlflow_tags import (EVAL_STAGE, TAG_DATASET, TAG_METHOD, TAG_MODE, TAG_MODEL, TAG_SETTING, TAG_STAGE, TAG_TASK,
                                 TAG_TRAIN_RUN)
 
@@ -56,8 +62,6 @@ BASE_MODELS = {"tiny": "tiny Llama (built from a config)", "smollm2": "SmolLM2-1
 
 def collect(tracking_uri: str, experiment: str, *, all_runs: bool = False) -> list[dict[str, Any]]:
     """Rows (one per eval run; latest per method/checkpoint/dataset/setting unless ``all_runs``)."""
-    from onegen.mlflow_store import open_client, sqlite_path
-
     db = sqlite_path(tracking_uri)
     if db is not None and not db.is_file():
         raise ConfigError(f"no MLflow store at {db}: run `python -m evaluation run ...` first, or point "
@@ -118,8 +122,6 @@ def cis_from_records(records: list[dict], row: dict, *, resamples: int = RESAMPL
 
 def attach_cis(rows: list[dict], tracking_uri: str, *, resamples: int = RESAMPLES, seed: int = SEED) -> None:
     """``row["ci"]``: the CIs of each row, from its run's ``predictions.jsonl`` artifact ({} when absent)."""
-    from onegen.mlflow_store import open_client
-
     client = open_client(tracking_uri)
     for row in rows:
         row["ci"] = {}
@@ -168,8 +170,6 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
 
 
 def rich_table(rows: list[dict], title: str):
-    from rich.table import Table
-
     t = Table(title=title, show_lines=False)
     for h in headers():
         # A value with its CI may wrap in a narrow terminal, after the value only: "0.800" / "[0.667,0.933]".
@@ -260,8 +260,6 @@ def figure_data(rows: list[dict], experiment: str) -> dict[str, Any]:
 
 
 def plot(rows: list[dict], png: Path, experiment: str) -> Path:
-    from evaluation.plots import comparison_figure
-
     d = figure_data(rows, experiment)
     return comparison_figure(d["labels"], d["methods"], d["panels"], png, d["title"], d["subtitle"])
 
@@ -269,10 +267,6 @@ def plot(rows: list[dict], png: Path, experiment: str) -> Path:
 def compare(tracking_uri: str, experiment: str, out_png: str | Path, *, all_runs: bool = False,
             console=None) -> dict[str, Any]:
     """Print the table; write PNG + CSV + markdown (same stem). Returns the rows and the paths."""
-    import sys
-
-    from rich.console import Console
-
     console = console or Console(width=None if sys.stdout.isatty() else 200, soft_wrap=True)
     rows = collect(tracking_uri, experiment, all_runs=all_runs)
     if not rows:

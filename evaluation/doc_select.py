@@ -51,6 +51,7 @@ def doc_lengths(docs: Any, positions: Sequence[int]) -> np.ndarray:
     """Token count of the documents at ``positions`` (from the Arrow list offsets: no token is read)."""
     pos = np.asarray(positions, dtype=np.int64)
     if getattr(docs, "_indices", None) is None and hasattr(docs, "data"):
+        # pyarrow.compute (~0.1 s) only for an unindexed Arrow table; the other path needs none
         import pyarrow.compute as pc
 
         lens = pc.list_value_length(docs.data.column("input_ids")).to_numpy(zero_copy_only=False)
@@ -61,9 +62,10 @@ def doc_lengths(docs: Any, positions: Sequence[int]) -> np.ndarray:
 def encode_into(emb: np.ndarray, runtime: Any, docs: Any, positions: Sequence[int], batch_size: int, bar) -> None:
     """Encode the documents at ``positions`` into ``emb`` (row i = ``positions[i]``), shortest first:
     all of them sorted by token count, then batched (little padding), read in chunks of 16 batches."""
+    # heavy (torch): imported where documents are encoded
     import torch
 
-    from onegen.hidden import encode_documents
+    from onegen.hidden import encode_documents  # lazy: as above
 
     row_of = {p: i for i, p in enumerate(positions)}
     lengths = doc_lengths(docs, positions)

@@ -48,6 +48,7 @@ def _cache_kwarg(decoder: torch.nn.Module) -> str:
 
 
 def new_cache(model: torch.nn.Module):
+    # heavy (transformers): imported where a cache is made; importing this module does not load it
     from transformers import DynamicCache
 
     try:

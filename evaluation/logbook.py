@@ -23,8 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from evaluation.tracking import EvalTracker, default_tracking_uri
 from onegen.errors import ConfigError, ManifestMismatch
+from onegen.manifest import atomic_write_bytes, fingerprint_files, read_manifest
+from onegen.mlflow_store import open_client
 from onegen.mlflow_tags import TAG_LOGGED_LATER, TAG_REPLACED_BY, TAG_RESULTS_ID, TAG_TRAIN_STORE
+from onegen.runlock import DirLock
 
 RECORD = "tracking.json"
 RECORD_VERSION = 1
@@ -45,8 +49,6 @@ def _relative(path: str, root: Path) -> str:
 
 def write_record(results_dir: str | Path, record: dict[str, Any], uri: str | None, run_id: str | None) -> Path:
     """Write ``tracking.json`` (atomically); ``run_id``: the run MLflow took, in store ``uri``."""
-    from onegen.manifest import atomic_write_bytes
-
     root = Path(results_dir).resolve()
     rec = json.loads(json.dumps(record))
     rec["version"] = RECORD_VERSION
@@ -60,8 +62,6 @@ def write_record(results_dir: str | Path, record: dict[str, Any], uri: str | Non
 
 def read_record(results_dir: Path) -> dict[str, Any]:
     """``tracking.json`` of a finished evaluation, checked against the results it describes."""
-    from onegen.manifest import fingerprint_files, read_manifest
-
     path = results_dir / RECORD
     if not path.is_file() and (results_dir / "metrics.jsonl").is_file() and (results_dir / "config.yaml").is_file():
         raise ConfigError(f"{results_dir} is a training output dir: `log` takes evaluation results dirs. Every "
@@ -93,8 +93,6 @@ def read_record(results_dir: Path) -> dict[str, Any]:
 def log_uri(arg: str | None, rec: dict[str, Any], results_dir: Path) -> str:
     """Where ``log`` writes: ``--tracking-uri`` (``train``: the training run's store), else the store the
     evaluation meant to use, else ``$MLFLOW_TRACKING_URI``, else the default beside the results dir."""
-    from evaluation.tracking import default_tracking_uri
-
     if arg == "train":
         store = rec["tags"].get(TAG_TRAIN_STORE)
         if not store:
@@ -127,8 +125,6 @@ def log_results(results_dir: str | Path, *, tracking_uri: str | None = None, exp
     """Log one results dir's run into a store (see the module docstring); raise when it cannot.
 
     It holds the results dir's lock (``onegen.runlock``) meanwhile: never while an evaluation writes it."""
-    from onegen.runlock import DirLock
-
     root = Path(results_dir).resolve()
     if not root.is_dir():
         raise ConfigError(f"{root}: no such results dir")
@@ -138,9 +134,6 @@ def log_results(results_dir: str | Path, *, tracking_uri: str | None = None, exp
 
 def _log_locked(root: Path, tracking_uri: str | None, experiment: str | None, force: bool,
                 log: Callable[[str], None]) -> Logged:
-    from evaluation.tracking import EvalTracker
-    from onegen.mlflow_store import open_client
-
     rec = read_record(root)
     uri = log_uri(tracking_uri, rec, root)
     experiment = experiment or rec["experiment"]

@@ -18,10 +18,11 @@ from onegen.methods import METHODS
 
 
 def _plt():
+    # heavy (matplotlib): imported where a figure is drawn, with its Agg backend set first
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: as above
 
     return plt
 

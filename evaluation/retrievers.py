@@ -143,8 +143,9 @@ class BM25Retriever:
     name = "bm25"
 
     def __init__(self, docs: Iterable[Document], stem: bool = True, query_form: str = "full") -> None:
+        # heavy (bm25s pulls scipy): imported only when the BM25 baseline is built
         import bm25s
-        from bm25s.tokenization import Tokenizer
+        from bm25s.tokenization import Tokenizer  # lazy: as above
 
         docs = list(docs)
         if not docs:
@@ -154,6 +155,7 @@ class BM25Retriever:
         self.query_form = query_form
         stemmer = None
         if stem and importlib.util.find_spec("Stemmer") is not None:
+            # optional dependency (PyStemmer), checked for just above
             import Stemmer
 
             stemmer = Stemmer.Stemmer("english").stemWord
@@ -241,6 +243,7 @@ def build_retriever(name: str, rt: Any, index: DocIndex | None = None, *, docs: 
         return BM25Retriever(docs, query_form=query_form)
     if name == "dense":
         if encoder is None:
+            # only the dense baseline needs it; looked up here, where tests swap its MeanPoolEncoder
             from data_prep.encoders import MeanPoolEncoder, default_minilm_path
 
             encoder = MeanPoolEncoder(default_minilm_path(), device=device or _device_of(rt))

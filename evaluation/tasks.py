@@ -1,6 +1,9 @@
 """The two kinds of eval run: RAG (answer, retrieving at each ``[RQ]``) and entity linking (each
 ``[LK]`` searched in the entity index). Each part generates, scores, and returns what the run writes:
 prediction records, headline metrics (MLflow names), plot data and detailed summaries.
+
+The modules that load torch (generation, retrievers, linking, teacher forcing) are imported inside the
+functions that use them (``# lazy``), so importing this module stays light.
 """
 
 from __future__ import annotations
@@ -8,6 +11,12 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from tqdm.auto import tqdm
+
+from evaluation.metrics import el_scores
+from evaluation.scoring import question_scores, summarize_rag
+from onegen.roles import GEN
 
 INDEX_RETRIEVERS = ("onegen", "two_pass")  # the retrievers that search the model's own index
 
@@ -34,10 +43,8 @@ def pipeline_teacher_forced(rt, retriever, *, setting: str, max_rows: int | None
     query is the question + the gold text *generated* before it (GEN tokens only: inserted
     paragraphs and special tokens left out — exactly what the pipeline sees in free generation);
     hop j is a hit iff the top-1 is the row's ``positives[j]``."""
-    from tqdm.auto import tqdm
-
+    # lazy: see module docstring
     from evaluation.retrievers import DenseRetriever, RetrievalStep
-    from onegen.roles import GEN
 
     n = len(rt.data) if max_rows is None else min(max_rows, len(rt.data))
     steps: list[tuple[RetrievalStep, str, int]] = []
@@ -87,8 +94,6 @@ def _free_hop_recall(results) -> dict[str, float]:
 
 
 def _rag_records(results, k: int, normalization: str = "default") -> list[dict]:
-    from evaluation.scoring import question_scores
-
     out = []
     for r in results:
         d = r.to_dict()
@@ -100,8 +105,6 @@ def _rag_records(results, k: int, normalization: str = "default") -> list[dict]:
 
 
 def _el_records(results) -> list[dict]:
-    from evaluation.metrics import el_scores
-
     out = []
     for r in results:
         d = r.to_dict()
@@ -125,10 +128,10 @@ def _scores_for_hist(pairs) -> tuple[list[float], list[float]]:
 
 def rag_part(req: Any, rt: Any, idx: Any, retriever_name: str, n: int) -> TaskPart:
     """Answer the first ``n`` questions with retriever ``retriever_name`` (``evaluation.retrievers``)."""
+    # lazy: see module docstring
     from evaluation.generate import GenerationConfig, run_questions
-    from evaluation.retrievers import build_retriever
-    from evaluation.scoring import summarize_rag
-    from evaluation.teacher_forced import teacher_forced_recall
+    from evaluation.retrievers import build_retriever  # lazy: as above
+    from evaluation.teacher_forced import teacher_forced_recall  # lazy: as above
 
     cfg = GenerationConfig(max_new_tokens=req.max_new_tokens or 64, max_hops=req.max_hops, k=req.k,
                            setting=req.setting, force_retrieval_every=req.force_retrieval_every,  # type: ignore[arg-type]
@@ -169,8 +172,9 @@ def rag_part(req: Any, rt: Any, idx: Any, retriever_name: str, n: int) -> TaskPa
 def el_part(req: Any, rt: Any, idx: Any, n: int) -> TaskPart:
     """Link the first ``n`` texts: the model's ``[LK]`` states searched in the entity index ``idx``;
     then, given the gold mentions, OneGen's linking accuracy vs a name-match baseline over the same KB."""
+    # lazy: see module docstring
     from evaluation.linking import LinkConfig, run_linking, summarize_linking
-    from evaluation.teacher_forced import teacher_forced_recall
+    from evaluation.teacher_forced import teacher_forced_recall  # lazy: as above
 
     lcfg = LinkConfig(max_new_tokens=req.max_new_tokens, k=req.k, batch_size=req.gen_batch_size)
     t0 = time.perf_counter()
@@ -198,6 +202,7 @@ def _gold_mention_linking(req: Any, rt: Any, idx: Any, lcfg: Any, n: int) -> dic
     """Linking given the gold mentions of the first ``n`` texts: OneGen (the gold output replayed, each
     ``[LK]`` state searched in ``idx``: ``linking.gold_link_accuracy``) and the name-match baseline
     over the same KB (``linking.name_match_baseline``)."""
+    # lazy: see module docstring
     from evaluation.linking import gold_link_accuracy, name_match_baseline, run_linking
 
     t0 = time.perf_counter()

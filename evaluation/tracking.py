@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from onegen.errors import ConfigError
 from onegen.mlflow_run import MlflowRun
 from onegen.mlflow_store import sqlite_uri
 from onegen.mlflow_tags import TAG_TRAIN_RUN
@@ -72,8 +73,6 @@ def train_link(model_dir: str | Path) -> tuple[str | None, str | None]:
 
 
 def resolve_tracking_uri(uri: str | None, results_dir: str | Path, model_dir: str | Path | None = None) -> str:
-    from onegen.errors import ConfigError
-
     if uri == "train":
         if model_dir is None:
             raise ConfigError("--tracking-uri train needs the checkpoint (--model)")
@@ -157,6 +156,7 @@ class EvalTracker(MlflowRun):
     def save_record(self, results_dir: str | Path) -> Path:
         """``RESULTS_DIR/tracking.json``: the run as logged, artifact paths relative to the results dir,
         and where it was logged (``logged``: store and run id, when MLflow took it)."""
+        # here, not at the top: evaluation.logbook imports this module (an import cycle)
         from evaluation.logbook import write_record
 
         return write_record(results_dir, self.record, self.uri if self.ok else None, self.run_id if self.ok else None)
