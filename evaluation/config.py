@@ -58,6 +58,7 @@ class IndexParams:
                                     "search time, it overrides the index's own)")
     pq_m: int | None = _opt(None, "ivfpq: sub-quantizers of 8 bits = bytes per vector; must divide the dimension "
                                   "(default: dimension / 4)")
+    refine: int = _opt(8, "ivfpq: candidates per result, re-scored exactly from the stored vectors (1: PQ scores only)")
     hnsw_m: int = _opt(32, "hnsw: neighbours per node")
     ef_search: int | None = _opt(None, "hnsw: search breadth (default 128; given at search time, it overrides the "
                                        "index's own)")

@@ -137,7 +137,8 @@ def _make_faiss(emb: np.ndarray, kind: str, params: IndexParams) -> tuple[object
             raise ConfigError(f"ivfpq index: {n} documents are too few (nlist={nlist}, and 256 per code book); "
                               f"use kind=flat or ivf")
         index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
-        used = {"nlist": nlist, "nprobe": min(nlist, params.nprobe or max(8, nlist // 8)), "pq_m": m, "pq_bits": 8}
+        used = {"nlist": nlist, "nprobe": min(nlist, params.nprobe or max(8, nlist // 8)), "pq_m": m, "pq_bits": 8,
+                "refine": params.refine}
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         used = {"hnsw_m": params.hnsw_m, "ef_search": params.ef_search or 128}
@@ -358,10 +359,27 @@ class DocIndex:
                                        f"{sub['rows']} rows) cannot answer an open-setting search; use a full index")
             if self._faiss is None:
                 raise ManifestMismatch(f"{self.path}: this index has no faiss index for the open setting")
-            scores, ids = self._faiss.search(q[open_rows], min(k, max(len(self), 1)))
-            for row, i in enumerate(open_rows):
-                out[i] = [(self.doc_ids[j], float(s)) for j, s in zip(ids[row], scores[row]) if j >= 0]
+            for i, hits in zip(open_rows, self._open_search(q[open_rows], k)):
+                out[i] = hits
         return out  # type: ignore[return-value]
+
+
+    def _open_search(self, q: np.ndarray, k: int) -> list[Hits]:
+        """faiss over the whole index. A product-quantised index (ivfpq) returns ``refine`` x ``k``
+        candidates by their approximate scores, re-scored exactly from the stored vectors: PQ codes alone
+        rank the anisotropic states of an LM poorly."""
+        refine = int(self.manifest.get("params", {}).get("refine", 1)) if self.manifest.get("kind") == "ivfpq" else 1
+        scores, ids = self._faiss.search(q, min(k * refine, max(len(self), 1)))
+        out = []
+        for row in range(len(q)):
+            found = ids[row][ids[row] >= 0]
+            if refine > 1 and len(found):
+                exact = np.asarray(self.embeddings[np.sort(found)], dtype=np.float32) @ q[row]
+                order = np.argsort(-exact, kind="stable")[:k]
+                out.append([(self.doc_ids[j], float(exact[o])) for o, j in zip(order, np.sort(found)[order])])
+            else:
+                out.append([(self.doc_ids[j], float(s)) for j, s in zip(ids[row], scores[row]) if j >= 0])
+        return out
 
 
 def _load_embeddings(path: Path, mmap: bool) -> np.ndarray:

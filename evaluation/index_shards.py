@@ -127,8 +127,10 @@ def encode_shard(model_dir: str | Path, prepared_dir: str | Path, out_dir: str |
     tmp.mkdir(parents=True)
     try:
         emb = np.lib.format.open_memmap(tmp / EMBEDDINGS, mode="w+", dtype=np.float32, shape=(len(part), dim))
+        t_enc = time.perf_counter()
         with tqdm(total=len(part), desc=f"shard {i}/{n}", unit="doc", disable=not progress) as bar:
             encode_into(emb, runtime, data.docs, part, batch_size, bar)
+        t_enc = time.perf_counter() - t_enc
         emb.flush()
         del emb
         ids = data.docs["doc_id"]
@@ -138,7 +140,7 @@ def encode_shard(model_dir: str | Path, prepared_dir: str | Path, out_dir: str |
                              index=i, count=len(part), dim=dim, of_docs=len(positions), task=data.task,
                              model_dir=str(Path(model_dir).resolve()), prepared_dir=str(Path(prepared_dir).resolve()),
                              ret_tokens=runtime.tagger.tokens.doc_ret_tokens(), **runtime.precision_record(),
-                             encode_seconds=round(time.perf_counter() - t0, 3))
+                             encode_seconds=round(t_enc, 3), seconds=round(time.perf_counter() - t0, 3))
         replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

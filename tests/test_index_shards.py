@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from evaluation.config import IndexParams
-from evaluation.index import _make_faiss, build_index, open_index
+from evaluation.index import DocIndex, _make_faiss, build_index, open_index
 from evaluation.index_shards import (encode_shard, merge_shards, parse_shard, shard_dir, shard_slice, shards_dir)
 from onegen.errors import ConfigError, ManifestMismatch
 from tests.eval_fixtures import ROOT, other_model, random_model, world  # noqa: F401
@@ -143,6 +143,19 @@ def test_ivfpq_compresses_and_keeps_its_parameters():
     top_pq = index.search(emb[:200], 10)[1]
     top = flat.search(emb[:200], 1)[1]
     assert np.mean([t[0] in row for t, row in zip(top, top_pq)]) > 0.8
+    # through DocIndex (what a run searches): refine x k candidates re-scored exactly from the stored vectors
+    ids = [f"d{i}" for i in range(len(emb))]
+    q = emb[:200]
+    refined = DocIndex(ids, emb, index, {"kind": "ivfpq", "params": used}).search(q, 10)
+    raw = DocIndex(ids, emb, index, {"kind": "ivfpq", "params": {**used, "refine": 1}}).search(q, 10)
+
+    def gap(hits) -> float:  # how far the returned scores are from the exact inner products
+        return max(abs(s - float(emb[int(d[1:])] @ q[i])) for i, h in enumerate(hits) for d, s in h)
+
+    assert gap(refined) < 1e-5 < gap(raw)
+    overlap = [np.mean([len({d for d, _ in a} & set(ids_row)) / 10 for a, ids_row in zip(hits, (np.asarray(ids)[flat.search(q, 10)[1]]))])
+               for hits in (refined, raw)]
+    assert overlap[0] >= overlap[1] and overlap[0] > 0.95, overlap
     with pytest.raises(ConfigError, match="pq_m=5 does not divide the dimension 32"):
         _make_faiss(emb, "ivfpq", IndexParams(pq_m=5))
     with pytest.raises(ConfigError, match="too few"):
