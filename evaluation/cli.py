@@ -137,7 +137,7 @@ Exit status 0 when every dir was logged, 2 otherwise.""")
 def cmd_index(cfg: IndexConfig) -> int:
     # Each command imports what it runs here: `--help` and the other commands do not pay for torch/faiss.
     from evaluation.index_reuse import ensure_index
-    from evaluation.index_shards import launcher_shard, parse_shard
+    from evaluation.sharding import launcher_shard, parse_shard
 
     if cfg.rows is not None and cfg.rows < 1:
         raise ConfigError(f"--rows must be >= 1, got {cfg.rows}")
@@ -156,7 +156,8 @@ def cmd_index(cfg: IndexConfig) -> int:
 def _index_sharded(cfg: IndexConfig, shard: tuple[int, int] | None) -> int:
     """One shard (``--shard I/N``, or this rank's under a launcher: rank 0 then merges), or ``--merge N``."""
     from evaluation.index_reuse import reusable_index, say_reused  # (see cmd_index)
-    from evaluation.index_shards import encode_shard, merge_shards, set_up_rank, wait_for_shards
+    from evaluation.index_shards import encode_shard, merge_shards, shard_complete
+    from evaluation.sharding import set_up_rank, wait_for_shards
 
     launched = cfg.shard is None and cfg.merge is None
     device = (set_up_rank() or cfg.device) if launched and cfg.device is None else cfg.device
@@ -172,7 +173,7 @@ def _index_sharded(cfg: IndexConfig, shard: tuple[int, int] | None) -> int:
                      attn=cfg.attn, rows=cfg.rows, progress=cfg.progress)
         if not launched or i != 0:
             return 0
-        wait_for_shards(cfg.out, n)
+        wait_for_shards(cfg.out, n, shard_complete)
     man = merge_shards(cfg.out, cfg.merge or shard[1], kind=cfg.kind, params=cfg.faiss)  # type: ignore[index]
     _say_index(cfg.out, man, "merged")
     return 0
@@ -199,6 +200,8 @@ def cmd_run(cfg: RunConfig) -> int:
     say = lambda m: console.print(m, highlight=False, markup=False)  # noqa: E731 (paths may hold [ ])
     say(f"evaluation run: {cfg.method} on {cfg.data} with {cfg.model} ({cfg.setting})")
     res = run_eval(cfg, log=say)
+    if res is None:  # this process wrote its shard; the merge reports the run
+        return 0
     head = res.metrics["headline"]
     t = Table(title=f"{cfg.method} · {res.metrics['dataset']} · {res.metrics['task']} (n={head['n']})")
     t.add_column("metric")

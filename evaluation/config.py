@@ -146,6 +146,11 @@ class RunConfig:
                                           "$MLFLOW_TRACKING_URI, else sqlite:///<RESULTS_DIR>/../mlflow.db)")
     experiment: str = _opt("onegen", "MLflow experiment")
     run_name: str | None = _opt(None, "MLflow run name (default <method>:<dataset>:<model>)")
+    shard: str | None = _opt(None, "I/N: decode only slice I (0-based) of N of the rows into RESULTS_DIR.shards/ and stop "
+                                   "(one task of a job array; needs --index when the method uses one), then --merge N; "
+                                   "under torchrun every rank takes its own slice and rank 0 merges, with no flag")
+    merge: int | None = _opt(None, "N: score the N shards of RESULTS_DIR.shards/ as one run (one predictions file, "
+                                   "metrics.json and MLflow run)")
     progress: bool = _progress()
     extra_params: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "more MLflow params of the run, logged as extra.<key> (a recipe or key=value only)"})

@@ -130,6 +130,13 @@ class QuestionResult:
         d.pop("output_ids")
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuestionResult":
+        """The result ``to_dict`` wrote (a shard's, for the merge): what scoring reads, exactly."""
+        hops = [Hop([(str(i), float(s)) for i, s in h["retrieved"]], int(h["position"]), h["inserted"])
+                for h in d["hops"]]
+        return cls(**{**d, "hops": hops})
+
 
 def answer_marker(rt: Runtime) -> str:
     """The text before ``{answer}`` in the answer template ("Answer:")."""

@@ -206,7 +206,7 @@ def build_index(model_dir: str | Path, prepared_dir: str | Path, out_dir: str | 
     # One writer: the lock lives beside the dir, which a finished build replaces by a rename.
     with DirLock(out_dir, lock_path=out_dir.parent / f".{out_dir.name}{LOCK_NAME}"):
         data = open_prepared(prepared_dir)
-        all_ids = data.docs["doc_id"]
+        all_ids = data.docs["doc_id"][:]  # a list: indexing the lazy column row by row took 0.4 ms a document
         if len(data.doc_index) != len(all_ids):
             raise ManifestMismatch(f"{prepared_dir}/docs holds duplicate doc ids; the index needs unique ids")
         positions = doc_positions(data, subset_doc_ids(data, rows) if rows is not None else None)

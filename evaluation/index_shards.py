@@ -33,59 +33,15 @@ from tqdm.auto import tqdm
 from evaluation.checks import model_manifest
 from evaluation.config import IndexKind, IndexParams
 from evaluation.doc_select import doc_positions, encode_into, subset_doc_ids
-from evaluation.index import (DOC_IDS, EMBEDDINGS, _runtime_for, finish_index, remove_leftovers, replace_dir)
+from evaluation.index import DOC_IDS, EMBEDDINGS, _runtime_for, finish_index, remove_leftovers, replace_dir
+from evaluation.sharding import shard_dir, shard_slice, shards_dir
 from onegen.errors import ConfigError, ManifestMismatch
 from onegen.manifest import fingerprint_files, read_manifest, write_manifest
 from onegen.prepared import open_prepared
 
 SHARD_STAGE = "index-shard"
-WAIT_POLL_S = 2.0
 # What must agree between a shard on disk and the request (and between the shards of one merge).
 _SAME = ("model_fingerprint", "prepared_fingerprint", "subset_rows", "shards", "dtype", "attn")
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"I/N"`` -> ``(I, N)``, 0 <= I < N."""
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise ConfigError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
-    if not 0 <= i < n:
-        raise ConfigError(f"--shard {text!r}: needs 0 <= I < N")
-    return i, n
-
-
-def launcher_shard() -> tuple[int, int] | None:
-    """``(RANK, WORLD_SIZE)`` when this process is one rank of several under a launcher; else None."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
-
-
-def set_up_rank() -> str | None:
-    """A launched rank's device (``cuda:LOCAL_RANK`` on GPUs, else None) and, on CPU, its share of the
-    cores (ranks of one node would otherwise each start a thread per core and slow each other down)."""
-    import torch  # torch: only a launched rank needs it here
-
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    return None
-
-
-def shards_dir(out_dir: str | Path) -> Path:
-    out_dir = Path(out_dir)
-    return out_dir.with_name(out_dir.name + ".shards")
-
-
-def shard_dir(out_dir: str | Path, i: int, n: int) -> Path:
-    return shards_dir(out_dir) / f"shard-{i:05d}-of-{n:05d}"
-
-
-def shard_slice(count: int, i: int, n: int) -> slice:
-    """The contiguous part I of N of ``count`` items (sizes differ by at most one)."""
-    return slice(count * i // n, count * (i + 1) // n)
 
 
 def _complete(d: Path) -> dict | None:
@@ -95,6 +51,10 @@ def _complete(d: Path) -> dict | None:
     except (ManifestMismatch, FileNotFoundError):
         return None
     return man if all((d / f).is_file() for f in (EMBEDDINGS, DOC_IDS)) else None
+
+
+def shard_complete(d: Path) -> bool:
+    return _complete(d) is not None
 
 
 def encode_shard(model_dir: str | Path, prepared_dir: str | Path, out_dir: str | Path, i: int, n: int, *,
@@ -133,7 +93,7 @@ def encode_shard(model_dir: str | Path, prepared_dir: str | Path, out_dir: str |
         t_enc = time.perf_counter() - t_enc
         emb.flush()
         del emb
-        ids = data.docs["doc_id"]
+        ids = data.docs["doc_id"][:]  # a list (see build_index)
         (tmp / DOC_IDS).write_text(json.dumps([ids[p] for p in part]))
         same = {k: v for k, v in want.items() if k not in ("dtype", "attn")}  # those come with the precision record
         man = write_manifest(tmp, SHARD_STAGE, fingerprint=fingerprint_files(tmp, [EMBEDDINGS, DOC_IDS]), **same,
@@ -147,23 +107,6 @@ def encode_shard(model_dir: str | Path, prepared_dir: str | Path, out_dir: str |
         raise
     log(f"shard {i}/{n} of {out_dir}: {len(part)} documents in {man['encode_seconds']:.1f}s")
     return man
-
-
-def wait_for_shards(out_dir: str | Path, n: int, timeout_s: float | None = None,
-                    log: Callable[[str], None] = print) -> None:
-    """Block until the ``n`` shards of ``out_dir`` are complete (rank 0 of a launcher, before merging)."""
-    t0 = time.monotonic()
-    said = False
-    while True:
-        missing = [i for i in range(n) if _complete(shard_dir(out_dir, i, n)) is None]
-        if not missing:
-            return
-        if not said:
-            log(f"waiting for shard(s) {', '.join(map(str, missing))} of {n}")
-            said = True
-        if timeout_s is not None and time.monotonic() - t0 > timeout_s:
-            raise ConfigError(f"shard(s) {missing} of {out_dir} not complete after {timeout_s:.0f}s")
-        time.sleep(WAIT_POLL_S)
 
 
 def merge_shards(out_dir: str | Path, n: int, *, kind: IndexKind = "flat", params: IndexParams | None = None,

@@ -93,6 +93,14 @@ class LinkResult:
         d.pop("output_ids")
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LinkResult":
+        """The result ``to_dict`` wrote (a shard's, for the merge): what scoring reads, exactly."""
+        links = [Link([(str(i), float(s)) for i, s in l["retrieved"]], int(l["position"]),
+                      tuple(l["span"]) if l["span"] is not None else None) for l in d["links"]]
+        spans = lambda xs: [(int(a), int(b), str(e)) for a, b, e in xs]  # noqa: E731 (JSON lists -> tuples)
+        return cls(**{**d, "links": links, "predictions": spans(d["predictions"]), "gold": spans(d["gold"])})
+
 
 def _banned(rt: Runtime) -> torch.Tensor:
     ids = sorted({rt.ids[k] for k in EL_NEVER_GENERATED})
@@ -302,7 +310,7 @@ def name_match_baseline(data: Any, kb_ids: Sequence[str], indices: Sequence[int]
     entity index's documents): the entity whose name (its document title) equals the mention's
     surface text after ``name_key``; several such entities -> the first by doc id (string order;
     counted in ``ambiguous``); none -> wrong (``no_name``). ``acc`` = right / gold links."""
-    titles = dict(zip(data.docs["doc_id"], data.docs["title"]))
+    titles = dict(zip(data.docs["doc_id"][:], data.docs["title"][:]))  # lists: a lazy column iterates slowly
     by_name: dict[str, list[str]] = {}
     for d in kb_ids:
         key = name_key(titles.get(d) or "")

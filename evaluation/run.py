@@ -49,15 +49,18 @@ from evaluation.checks import preflight
 from evaluation.config import NORMALIZATIONS, PIPELINE_QUERIES, SETTINGS, RunConfig
 from evaluation.index import open_index
 from evaluation.index_reuse import check_given_index, ensure_index, rows_to_index
-from evaluation.tasks import el_part, rag_part
+from evaluation.run_shards import complete as complete_shard
+from evaluation.run_shards import kept_shard, read_shards, remove_shards, request_key, shard_rows, write_shard
+from evaluation.sharding import launcher_shard, parse_shard, set_up_rank, shard_dir, wait_for_shards
+from evaluation.tasks import Raw, el_finish, el_generate, rag_finish, rag_generate
 from evaluation.tracking import EvalTracker, resolve_tracking_uri, train_link
 from onegen.errors import ConfigError
-from onegen.manifest import atomic_write_bytes, fingerprint_files, write_manifest
+from onegen.manifest import atomic_write_bytes, fingerprint_files, read_manifest, write_manifest
 from onegen.methods import METHODS
 from onegen.prepared import open_prepared
 from onegen.mlflow_tags import (EVAL_STAGE, TAG_DATASET, TAG_METHOD, TAG_MODE, TAG_MODEL, TAG_RESULTS_ID, TAG_SETTING,
                                 TAG_STAGE, TAG_TASK, TAG_TRAIN_RUN, TAG_TRAIN_STORE)
-from onegen.runlock import DirLock
+from onegen.runlock import LOCK_NAME, DirLock
 
 # --------------------------------------------------------------------------------------------
 # Run
@@ -121,7 +124,10 @@ def _check_request(req: RunConfig, task: str | None = None, data_dir: Path | Non
                               f"HotpotQA's rules + NFC + Unicode punctuation; official: the HotpotQA script exactly)")
         if req.pipeline_query not in PIPELINE_QUERIES:
             raise ConfigError(f"--pipeline-query {req.pipeline_query!r}: choose one of {list(PIPELINE_QUERIES)}")
-        for flag, value in (("--max-examples", req.max_examples), ("--gen-batch-size", req.gen_batch_size)):
+        if req.shard is not None and req.merge is not None:
+            raise ConfigError("--shard and --merge are separate steps: give one of them")
+        for flag, value in (("--max-examples", req.max_examples), ("--gen-batch-size", req.gen_batch_size),
+                            ("--merge", req.merge)):
             if value is not None and value < 1:
                 raise ConfigError(f"{flag} must be >= 1, got {value}")
         return
@@ -158,8 +164,9 @@ def _tracker(req: RunConfig, out: Path, task: str, model_dir: Path, mode: str, l
     return tracker, uri if req.tracking else None, train_run_id
 
 
-def run_eval(req: RunConfig, log: Callable[[str], None] = print) -> EvalOutcome:
-    """Evaluate one checkpoint with one method on one prepared dataset (see the module docstring)."""
+def run_eval(req: RunConfig, log: Callable[[str], None] = print) -> EvalOutcome | None:
+    """Evaluate one checkpoint with one method on one prepared dataset (see the module docstring);
+    None for a process that only wrote its shard (``--shard I/N``, or a rank other than 0)."""
     from evaluation.precision import resolve_precision  # torch: loaded when a run starts, not by --help
 
 
@@ -181,12 +188,26 @@ def run_eval(req: RunConfig, log: Callable[[str], None] = print) -> EvalOutcome:
         check_given_index(index_dir, model_dir, data_dir, dman, prec, log, rows=need)
     out = Path(req.out) if req.out is not None else default_out(req)
     out.mkdir(parents=True, exist_ok=True)
+    merge = req.merge
+    shard = parse_shard(req.shard) if req.shard else (launcher_shard() if merge is None else None)
+    if (shard is not None or merge is not None) and needs_index and index_dir is None:
+        raise ConfigError(f"a sharded run of --method {req.method} needs --index: build the index first (`python -m "
+                          f"evaluation index`, sharded too), or every shard would build its own")
+    if shard is not None:
+        if req.shard is None and req.device is None:  # a launched rank: its own GPU, or its share of the cores
+            req.device = set_up_rank()
+        _run_shard(req, out, shard, task, dman, mman, ocfg, index_dir, needs_index, log)
+        if req.shard is not None or shard[0] != 0:
+            return None  # a shard of a job array, or a rank other than 0: rank 0 (or `--merge N`) merges
+        wait_for_shards(out, shard[1], complete_shard, log=log)
+        merge = shard[1]
     with DirLock(out):  # one writer per results dir (onegen/runlock.py): a second run on it refuses at once
-        return _run_locked(req, out, task, dman, mman, ocfg, prec, index_dir, needs_index, log)
+        return _run_locked(req, out, task, dman, mman, ocfg, prec, index_dir, needs_index, log, merge)
 
 
 def _run_locked(req: RunConfig, out: Path, task: str, dman: dict, mman: dict, ocfg: dict, prec: dict,
-                index_dir: Path | None, needs_index: bool, log: Callable[[str], None]) -> EvalOutcome:
+                index_dir: Path | None, needs_index: bool, log: Callable[[str], None],
+                merge: int | None = None) -> EvalOutcome:
     """``run_eval`` once it holds the results dir: the tracked run."""
     model_dir, data_dir = Path(req.model), Path(req.data)
     mode = str(ocfg.get("mode") or mman.get("mode") or "?")
@@ -202,7 +223,7 @@ def _run_locked(req: RunConfig, out: Path, task: str, dman: dict, mman: dict, oc
         **{f"extra.{k}": v for k, v in req.extra_params.items()},
     })
     try:
-        outcome = _run(req, out, task, dman, mman, ocfg, index_dir, needs_index, tracker, log)
+        outcome = _run(req, out, task, dman, mman, ocfg, index_dir, needs_index, tracker, log, merge)
     except KeyboardInterrupt:
         tracker.end("KILLED")
         raise
@@ -253,22 +274,66 @@ def _load(req: RunConfig, out: Path, task: str, ocfg: dict, index_dir: Path | No
 
 
 def _run(req: RunConfig, out: Path, task: str, dman: dict, mman: dict, ocfg: dict, index_dir: Path | None,
-         needs_index: bool, tracker, log) -> dict:
+         needs_index: bool, tracker, log, merge: int | None = None) -> dict:
+    """Decode (or, with ``merge``, read the shards' raw output), score, write the results dir."""
     t_start = time.perf_counter()
-    rt, data, idx, params = _load(req, out, task, ocfg, index_dir, needs_index, log)
-    n = len(data) if req.max_examples is None else min(req.max_examples, len(data))
+    if merge is None:
+        rt, data, idx, params = _load(req, out, task, ocfg, index_dir, needs_index, log)
+        n = _n_rows(req, data)
+        raw = _generate(req, task, rt, idx, list(range(n)))
+        prec, sharded = rt.precision_record(), None
+    else:
+        data = open_prepared(req.data)
+        n = _n_rows(req, data)
+        idx = open_index(index_dir, req.model, use_gpu=False) if index_dir is not None else None
+        raw, info = read_shards(out, merge, request_key(req, n, _fingerprints(mman, dman, index_dir)), task)
+        params, prec, sharded = info["params"], info["precision"], {"shards": merge, "gen_s": info["gen_s"]}
+        log(f"merged {merge} shards: {len(raw.results)} rows")
     params["n_examples"] = n
-    part = rag_part(req, rt, idx, METHODS[req.method].retriever, n) if task == "rag" else el_part(req, rt, idx, n)
+    if task == "rag":
+        part = rag_finish(req, METHODS[req.method].retriever, raw)
+    else:
+        part = el_finish(req, raw, data, idx.doc_ids)  # type: ignore[union-attr]  (EL always has its index)
     params.update(part.params)
     head = part.head
     head.update({"tokens_per_s": part.tokens / part.gen_s if part.gen_s > 0 else None,
                  "s_per_question": part.gen_s / max(part.n_results, 1), "n": part.n_results,
                  "generated_tokens": part.tokens})
     metrics = {"task": task, "method": req.method, "retriever": METHODS[req.method].retriever, "setting": req.setting,
-               "normalization": req.normalization, "pipeline_query": req.pipeline_query, "index_subset": idx.manifest.get("subset") if idx is not None else None,
+               "normalization": req.normalization, "pipeline_query": req.pipeline_query,
+               "index_subset": idx.manifest.get("subset") if idx is not None else None,
                "dataset": Path(req.data).resolve().name, "model": str(Path(req.model).resolve()),
-               "checkpoint_mode": ocfg.get("mode"), "headline": head, **part.details,
+               "checkpoint_mode": ocfg.get("mode"), "headline": head, **part.details, "sharded": sharded,
                "wall_s": {"generation": part.gen_s, "total": time.perf_counter() - t_start}}
+    files = _write_results(req, out, task, part, metrics, n)
+    write_manifest(out, "eval", fingerprint=fingerprint_files(out, ["predictions.jsonl"]), task=task, method=req.method,
+                   model_dir=str(Path(req.model).resolve()), model_fingerprint=mman["fingerprint"],
+                   prepared_dir=str(Path(req.data).resolve()), prepared_fingerprint=dman["fingerprint"],
+                   index_fingerprint=params["index_fingerprint"], setting=req.setting, n=part.n_results,
+                   normalization=req.normalization, mlflow_run_id=tracker.run_id, **prec)
+    files["manifest"] = out / "manifest.json"
+    if merge is not None:
+        remove_shards(out)
+    return {"metrics": metrics, "files": files, "params": params}
+
+
+def _n_rows(req: RunConfig, data: Any) -> int:
+    return len(data) if req.max_examples is None else min(req.max_examples, len(data))
+
+
+def _generate(req: RunConfig, task: str, rt: Any, idx: Any, rows: list[int]) -> Raw:
+    if task == "rag":
+        return rag_generate(req, rt, idx, METHODS[req.method].retriever, rows)
+    return el_generate(req, rt, idx, rows)
+
+
+def _fingerprints(mman: dict, dman: dict, index_dir: Path | None) -> dict[str, Any]:
+    index_fp = read_manifest(index_dir, expect_stage="index")["fingerprint"] if index_dir is not None else None
+    return {"model": mman["fingerprint"], "data": dman["fingerprint"], "index": index_fp}
+
+
+def _write_results(req: RunConfig, out: Path, task: str, part: Any, metrics: dict, n: int) -> dict[str, Path]:
+    """predictions.jsonl, metrics.json and the plots; their paths."""
     files = {"predictions": out / "predictions.jsonl", "metrics": out / "metrics.json"}
     _write_jsonl(files["predictions"], part.records)
     _write_json(files["metrics"], metrics)
@@ -279,11 +344,25 @@ def _run(req: RunConfig, out: Path, task: str, dman: dict, mman: dict, ocfg: dic
     p = plots.score_histogram(*part.hist, out / "plots" / "top1_scores.png", f"top-1 scores — {title}")
     if p:
         files["plot_scores"] = p
-    write_manifest(out, "eval", fingerprint=fingerprint_files(out, ["predictions.jsonl"]), task=task, method=req.method,
-                   model_dir=str(Path(req.model).resolve()), model_fingerprint=mman["fingerprint"],
-                   prepared_dir=str(Path(req.data).resolve()), prepared_fingerprint=dman["fingerprint"],
-                   index_fingerprint=params["index_fingerprint"], setting=req.setting, n=part.n_results,
-                   normalization=req.normalization,
-                   mlflow_run_id=tracker.run_id, **rt.precision_record())
-    files["manifest"] = out / "manifest.json"
-    return {"metrics": metrics, "files": files, "params": params}
+    return files
+
+
+def _run_shard(req: RunConfig, out: Path, shard: tuple[int, int], task: str, dman: dict, mman: dict, ocfg: dict,
+               index_dir: Path | None, needs_index: bool, log: Callable[[str], None]) -> None:
+    """Decode shard ``shard`` = (I, N) of the rows into ``out``'s shards dir (kept when already there)."""
+    i, shards = shard
+    data = open_prepared(req.data)
+    n = _n_rows(req, data)
+    key = request_key(req, n, _fingerprints(mman, dman, index_dir))
+    target = shard_dir(out, i, shards)
+    if kept_shard(out, i, shards, key):
+        log(f"shard {i}/{shards} of {out}: complete, kept")
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with DirLock(target, lock_path=target.parent / f".{target.name}{LOCK_NAME}"):
+        rt, data, idx, params = _load(req, target, task, ocfg, index_dir, needs_index, log)
+        rows = shard_rows(n, i, shards)
+        raw = _generate(req, task, rt, idx, rows)
+        write_shard(out, i, shards, raw, key, {"params": params, "precision": rt.precision_record(),
+                                               "first_row": rows[0] if rows else None})
+    log(f"shard {i}/{shards} of {out}: {len(rows)} rows in {raw.gen_s:.1f}s of generation")

@@ -37,19 +37,18 @@ class TaskPart:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-def pipeline_teacher_forced(rt, retriever, *, setting: str, max_rows: int | None = None,
-                            progress: bool = True) -> dict[str, Any]:
-    """Teacher-forced Recall@1 of a separate retriever: for each gold ``[RQ]`` of each gold row, the
-    query is the question + the gold text *generated* before it (GEN tokens only: inserted
-    paragraphs and special tokens left out — exactly what the pipeline sees in free generation);
-    hop j is a hit iff the top-1 is the row's ``positives[j]``."""
+def pipeline_teacher_forced(rt, retriever, rows: list[int], *, setting: str,
+                            progress: bool = True) -> tuple[dict[int, int], dict[int, int]]:
+    """Teacher-forced Recall@1 counts (hits, totals per hop) of a separate retriever over ``rows``: for
+    each gold ``[RQ]`` of each gold row, the query is the question + the gold text *generated* before
+    it (GEN tokens only: inserted paragraphs and special tokens left out — exactly what the pipeline
+    sees in free generation); hop j is a hit iff the top-1 is the row's ``positives[j]``."""
     # lazy: see module docstring
     from evaluation.retrievers import DenseRetriever, RetrievalStep
 
-    n = len(rt.data) if max_rows is None else min(max_rows, len(rt.data))
     steps: list[tuple[RetrievalStep, str, int]] = []
-    for s in range(0, n, 256):
-        for r in rt.data.query_rows(list(range(s, min(n, s + 256)))):
+    for s in range(0, len(rows), 256):
+        for r in rt.data.query_rows(rows[s:s + 256]):
             ids, roles, p0 = list(r["input_ids"]), list(r["roles"]), int(r["prompt_len"])
             cands = list(r["candidates"]) if setting == "distractor" and r.get("candidates") else None
             start = p0
@@ -73,12 +72,7 @@ def pipeline_teacher_forced(rt, retriever, *, setting: str, max_rows: int | None
     for (st, gold, j), top in zip(steps, tops):
         total[j] = total.get(j, 0) + 1
         hits[j] = hits.get(j, 0) + int(bool(top) and top[0][0] == gold)
-    out: dict[str, Any] = {"recall@1": sum(hits.values()) / max(sum(total.values()), 1), "n": sum(total.values()),
-                           "setting": setting, "query": getattr(retriever, "query_form", "full")}
-    for j in sorted(total):
-        out[f"recall@1/hop{j + 1}"] = hits[j] / total[j]
-        out[f"n/hop{j + 1}"] = total[j]
-    return out
+    return hits, total
 
 
 def _free_hop_recall(results) -> dict[str, float]:
@@ -126,12 +120,58 @@ def _scores_for_hist(pairs) -> tuple[list[float], list[float]]:
     return hit, miss
 
 
+@dataclass
+class Raw:
+    """What decoding a set of rows produced, before any scoring: a shard of a run writes it
+    (``to_json``), the merge concatenates the shards' and scores them as one run (``finish``)."""
+
+    results: list  # QuestionResult (RAG) / LinkResult (EL), in row order
+    tf_counts: tuple[dict[int, int], dict[int, int]] | None  # teacher-forced hits and totals per hop
+    gen_s: float
+    config: dict[str, Any]  # the GenerationConfig / LinkConfig
+    tf_query: str = "full"  # what a pipeline's teacher-forced query was (RAG)
+    replayed: list = field(default_factory=list)  # EL: the gold output replayed (gold-mention linking)
+    replay_s: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"results": [r.to_dict() for r in self.results], "gen_s": self.gen_s, "config": self.config,
+                "tf_counts": [list(c.items()) for c in self.tf_counts] if self.tf_counts is not None else None,
+                "tf_query": self.tf_query, "replayed": [r.to_dict() for r in self.replayed], "replay_s": self.replay_s}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], task: str) -> "Raw":
+        # lazy: see module docstring
+        from evaluation.generate import QuestionResult
+        from evaluation.linking import LinkResult  # lazy: as above
+
+        kind = QuestionResult if task == "rag" else LinkResult
+        counts = tuple({int(j): int(v) for j, v in c} for c in d["tf_counts"]) if d["tf_counts"] is not None else None
+        return cls([kind.from_dict(r) for r in d["results"]], counts, float(d["gen_s"]), d["config"],  # type: ignore[arg-type]
+                   d["tf_query"], [LinkResult.from_dict(r) for r in d["replayed"]], float(d["replay_s"]))
+
+    @classmethod
+    def concat(cls, parts: list["Raw"]) -> "Raw":
+        """The shards' raws, in shard order, as one run's: results concatenated, counts and seconds added."""
+        first = parts[0]
+        counts = None
+        if first.tf_counts is not None:
+            counts = tuple({j: sum(p.tf_counts[k].get(j, 0) for p in parts)  # type: ignore[index]
+                            for j in sorted({j for p in parts for j in p.tf_counts[k]})} for k in (0, 1))  # type: ignore[index]
+        return cls([r for p in parts for r in p.results], counts, sum(p.gen_s for p in parts), first.config,  # type: ignore[arg-type]
+                   first.tf_query, [r for p in parts for r in p.replayed], sum(p.replay_s for p in parts))
+
+
 def rag_part(req: Any, rt: Any, idx: Any, retriever_name: str, n: int) -> TaskPart:
     """Answer the first ``n`` questions with retriever ``retriever_name`` (``evaluation.retrievers``)."""
+    return rag_finish(req, retriever_name, rag_generate(req, rt, idx, retriever_name, list(range(n))))
+
+
+def rag_generate(req: Any, rt: Any, idx: Any, retriever_name: str, rows: list[int]) -> Raw:
+    """Answer the questions of ``rows``, and the teacher-forced recall counts of the same rows."""
     # lazy: see module docstring
     from evaluation.generate import GenerationConfig, run_questions
     from evaluation.retrievers import build_retriever  # lazy: as above
-    from evaluation.teacher_forced import teacher_forced_recall  # lazy: as above
+    from evaluation.teacher_forced import teacher_forced_counts  # lazy: as above
 
     cfg = GenerationConfig(max_new_tokens=req.max_new_tokens or 64, max_hops=req.max_hops, k=req.k,
                            setting=req.setting, force_retrieval_every=req.force_retrieval_every,  # type: ignore[arg-type]
@@ -139,17 +179,32 @@ def rag_part(req: Any, rt: Any, idx: Any, retriever_name: str, n: int) -> TaskPa
     # (pipelines index the docs here: not timed)
     retriever = build_retriever(retriever_name, rt, idx, query_form=getattr(req, "pipeline_query", "full"))
     t0 = time.perf_counter()
-    results = run_questions(rt, retriever, cfg, list(range(n)), progress=req.progress)
+    results = run_questions(rt, retriever, cfg, rows, progress=req.progress)
     gen_s = time.perf_counter() - t0
+    if retriever_name in INDEX_RETRIEVERS:
+        tf = teacher_forced_counts(rt, idx, rows, setting=req.setting, batch_size=req.batch_size, progress=req.progress)
+    elif retriever_name != "none":
+        tf = pipeline_teacher_forced(rt, retriever, rows, setting=req.setting, progress=req.progress)
+    else:
+        tf = None
+    query = getattr(retriever, "query_form", "full") if retriever_name not in INDEX_RETRIEVERS else "full"
+    return Raw(results, tf, gen_s, asdict(cfg), tf_query=query)
+
+
+def rag_finish(req: Any, retriever_name: str, raw: Raw) -> TaskPart:
+    """Score a RAG run's raw results: summaries, headline metrics, records and plot data."""
+    # lazy: see module docstring
+    from evaluation.teacher_forced import recall_from_counts
+
+    results = raw.results
     summary = summarize_rag(results, k=req.k, normalization=req.normalization)
     free_hops = _free_hop_recall(results)
     retrieving = retriever_name != "none"
-    if retriever_name in INDEX_RETRIEVERS:
-        tf = teacher_forced_recall(rt, idx, setting=req.setting, max_rows=n, batch_size=req.batch_size,
-                                   progress=req.progress)
-    else:
-        tf = pipeline_teacher_forced(rt, retriever, setting=req.setting, max_rows=n,
-                                     progress=req.progress) if retrieving else None
+    tf = None
+    if raw.tf_counts is not None:
+        extra = {"setting": req.setting} if retriever_name in INDEX_RETRIEVERS else {"setting": req.setting,
+                                                                                       "query": raw.tf_query}
+        tf = recall_from_counts(*raw.tf_counts, **extra)
     head: dict[str, Any] = {
         "em": summary.get("em"), "f1": summary.get("f1"),
         "recall_at_1_free": summary.get("hop_recall_at_1") if retrieving else None,
@@ -164,51 +219,58 @@ def rag_part(req: Any, rt: Any, idx: Any, retriever_name: str, n: int) -> TaskPa
     head.update({f"recall_at_1_tf_{h}": v for h, v in tf_hops.items()})
     hist = _scores_for_hist((h.retrieved, r.gold_hops[j] if j < len(r.gold_hops) else None)
                             for r in results for j, h in enumerate(r.hops))
-    return TaskPart(head, _rag_records(results, req.k, req.normalization), hist, dict(free_hops) if retrieving else {}, tf_hops,
-                    {"summary": summary, "teacher_forced": tf, "generation": asdict(cfg)}, len(results), gen_s,
-                    sum(r.n_generated for r in results), {f"gen.{k}": v for k, v in asdict(cfg).items()})
+    return TaskPart(head, _rag_records(results, req.k, req.normalization), hist, dict(free_hops) if retrieving else {},
+                    tf_hops, {"summary": summary, "teacher_forced": tf, "generation": raw.config}, len(results),
+                    raw.gen_s, sum(r.n_generated for r in results), {f"gen.{k}": v for k, v in raw.config.items()})
 
 
 def el_part(req: Any, rt: Any, idx: Any, n: int) -> TaskPart:
     """Link the first ``n`` texts: the model's ``[LK]`` states searched in the entity index ``idx``;
     then, given the gold mentions, OneGen's linking accuracy vs a name-match baseline over the same KB."""
+    return el_finish(req, el_generate(req, rt, idx, list(range(n))), rt.data, idx.doc_ids)
+
+
+def el_generate(req: Any, rt: Any, idx: Any, rows: list[int]) -> Raw:
+    """Link the texts of ``rows`` (free generation, then the gold output replayed), and the
+    teacher-forced recall counts of the same rows."""
     # lazy: see module docstring
-    from evaluation.linking import LinkConfig, run_linking, summarize_linking
-    from evaluation.teacher_forced import teacher_forced_recall  # lazy: as above
+    from evaluation.linking import LinkConfig, run_linking
+    from evaluation.teacher_forced import teacher_forced_counts  # lazy: as above
 
     lcfg = LinkConfig(max_new_tokens=req.max_new_tokens, k=req.k, batch_size=req.gen_batch_size)
     t0 = time.perf_counter()
-    results = run_linking(rt, idx, lcfg, list(range(n)), progress=req.progress)
+    results = run_linking(rt, idx, lcfg, rows, progress=req.progress)
     gen_s = time.perf_counter() - t0
+    tf = teacher_forced_counts(rt, idx, rows, setting="open", batch_size=req.batch_size, progress=req.progress)
+    t0 = time.perf_counter()
+    replayed = run_linking(rt, idx, lcfg, rows, gold_mentions=True, progress=req.progress)
+    return Raw(results, tf, gen_s, asdict(lcfg), replayed=replayed, replay_s=time.perf_counter() - t0)
+
+
+def el_finish(req: Any, raw: Raw, data: Any, kb_ids: list[str]) -> TaskPart:
+    """Score an EL run's raw results against the KB ``kb_ids`` (the entity index's ids); ``data``: the
+    prepared dataset (the name-match baseline reads its mentions)."""
+    # lazy: see module docstring
+    from evaluation.linking import gold_link_accuracy, name_match_baseline, summarize_linking
+    from evaluation.teacher_forced import recall_from_counts  # lazy: as above
+
+    results = raw.results
     summary = summarize_linking(results)
-    tf = teacher_forced_recall(rt, idx, setting="open", max_rows=n, batch_size=req.batch_size, progress=req.progress)
-    gold = _gold_mention_linking(req, rt, idx, lcfg, n)
+    tf = recall_from_counts(*raw.tf_counts, setting="open")  # type: ignore[misc]
+    gold = {"onegen": {**gold_link_accuracy(raw.replayed), "wall_s": raw.replay_s},
+            "name_match": name_match_baseline(data, kb_ids, range(len(results))),
+            "rule": "name match: KB entity whose title equals the mention text after lower-casing and whitespace "
+                    "collapsing; several -> first by doc id; none -> wrong"}
     head = {"el_precision": summary["precision"], "el_recall": summary["recall"], "el_f1": summary["f1"],
             "el_md_precision": summary["md_precision"], "el_md_recall": summary["md_recall"],
             "el_md_f1": summary["md_f1"], "recall_at_1_free": summary.get("link_recall_at_1"),
             "recall_at_1_tf": tf["recall@1"], "mean_links": summary.get("n_links"),
             "unaligned": summary.get("unaligned"), "el_link_acc_gold": gold["onegen"]["acc"],
             "el_name_match_acc_gold": gold["name_match"]["acc"],
-            "el_name_match_ambiguous": gold["name_match"]["ambiguous"], "kb_size": len(idx)}
+            "el_name_match_ambiguous": gold["name_match"]["ambiguous"], "kb_size": len(kb_ids)}
     hist = _scores_for_hist((l.retrieved, r.gold_links[j] if j < len(r.gold_links) else None)
                             for r in results for j, l in enumerate(r.links))
     return TaskPart(head, _el_records(results), hist, {"link": summary.get("link_recall_at_1")}, {"link": tf["recall@1"]},
-                    {"summary": summary, "teacher_forced": tf, "gold_mentions": gold, "linking": asdict(lcfg)},
-                    len(results), gen_s, sum(r.n_generated for r in results),
-                    {f"link.{k}": v for k, v in asdict(lcfg).items()})
-
-
-def _gold_mention_linking(req: Any, rt: Any, idx: Any, lcfg: Any, n: int) -> dict[str, Any]:
-    """Linking given the gold mentions of the first ``n`` texts: OneGen (the gold output replayed, each
-    ``[LK]`` state searched in ``idx``: ``linking.gold_link_accuracy``) and the name-match baseline
-    over the same KB (``linking.name_match_baseline``)."""
-    # lazy: see module docstring
-    from evaluation.linking import gold_link_accuracy, name_match_baseline, run_linking
-
-    t0 = time.perf_counter()
-    replayed = run_linking(rt, idx, lcfg, list(range(n)), gold_mentions=True, progress=req.progress)
-    onegen = {**gold_link_accuracy(replayed), "wall_s": time.perf_counter() - t0}
-    names = name_match_baseline(rt.data, idx.doc_ids, range(n))
-    return {"onegen": onegen, "name_match": names,
-            "rule": "name match: KB entity whose title equals the mention text after lower-casing and whitespace "
-                    "collapsing; several -> first by doc id; none -> wrong"}
+                    {"summary": summary, "teacher_forced": tf, "gold_mentions": gold, "linking": raw.config},
+                    len(results), raw.gen_s, sum(r.n_generated for r in results),
+                    {f"link.{k}": v for k, v in raw.config.items()})

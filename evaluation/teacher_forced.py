@@ -27,14 +27,25 @@ def teacher_forced_recall(rt: Runtime, index: DocIndex, *, setting: Literal["dis
     if rt.data is None:
         raise ConfigError("teacher_forced_recall needs a runtime loaded with a prepared dataset")
     n = len(rt.data) if max_rows is None else min(max_rows, len(rt.data))
+    return recall_from_counts(*teacher_forced_counts(rt, index, list(range(n)), setting=setting, batch_size=batch_size,
+                                                     progress=progress), setting=setting)
+
+
+def teacher_forced_counts(rt: Runtime, index: DocIndex, rows: list[int], *,
+                          setting: Literal["distractor", "open"] = "distractor", batch_size: int = 32,
+                          progress: bool = True) -> tuple[dict[int, int], dict[int, int]]:
+    """Hits and totals per hop index (0-based) over ``rows``: integers, so the counts of disjoint rows
+    (the shards of a run) add up to those of all rows."""
+    if rt.data is None:
+        raise ConfigError("teacher_forced_counts needs a runtime loaded with a prepared dataset")
     hits: dict[int, int] = {}
     total: dict[int, int] = {}
     chunk = max(batch_size * 4, 1)
-    bar = tqdm(total=n, desc="teacher-forced recall", unit="row", disable=not progress)
-    for s in range(0, n, chunk):
-        rows = rt.data.query_rows(list(range(s, min(n, s + chunk))))
-        vecs = query_vectors(rt.model, [r["input_ids"] for r in rows], [r["roles"] for r in rows], rt.pad_id, batch_size)
-        for r, q in zip(rows, vecs):
+    bar = tqdm(total=len(rows), desc="teacher-forced recall", unit="row", disable=not progress)
+    for s in range(0, len(rows), chunk):
+        part = rt.data.query_rows(rows[s:s + chunk])
+        vecs = query_vectors(rt.model, [r["input_ids"] for r in part], [r["roles"] for r in part], rt.pad_id, batch_size)
+        for r, q in zip(part, vecs):
             if not len(r["positives"]):
                 continue
             cands = list(r["candidates"]) if setting == "distractor" and r.get("candidates") else None
@@ -42,10 +53,15 @@ def teacher_forced_recall(rt: Runtime, index: DocIndex, *, setting: Literal["dis
             for j, (pos, top) in enumerate(zip(r["positives"], found)):
                 total[j] = total.get(j, 0) + 1
                 hits[j] = hits.get(j, 0) + int(bool(top) and top[0][0] == pos)
-        bar.update(len(rows))
+        bar.update(len(part))
     bar.close()
+    return hits, total
+
+
+def recall_from_counts(hits: dict[int, int], total: dict[int, int], **extra: Any) -> dict[str, Any]:
+    """``{"recall@1", "n", "recall@1/hop<j>", "n/hop<j>"}`` of per-hop hit and total counts."""
     out: dict[str, Any] = {"recall@1": sum(hits.values()) / max(sum(total.values()), 1), "n": sum(total.values()),
-                           "setting": setting}
+                           **extra}
     for j in sorted(total):
         out[f"recall@1/hop{j + 1}"] = hits[j] / total[j]
         out[f"n/hop{j + 1}"] = total[j]

@@ -15,7 +15,8 @@ import pytest
 
 from evaluation.config import IndexParams
 from evaluation.index import DocIndex, _make_faiss, build_index, open_index
-from evaluation.index_shards import (encode_shard, merge_shards, parse_shard, shard_dir, shard_slice, shards_dir)
+from evaluation.index_shards import encode_shard, merge_shards
+from evaluation.sharding import parse_shard, shard_dir, shard_slice, shards_dir
 from onegen.errors import ConfigError, ManifestMismatch
 from tests.eval_fixtures import ROOT, other_model, random_model, world  # noqa: F401
 from tests.train_fixtures import env

@@ -1,0 +1,116 @@
+"""Sharded evaluation runs: N processes each decode a disjoint slice of the questions (or texts); the
+merge scores all of them as one run.
+
+Shard I of N decodes rows ``range(n)[slice I]`` (``evaluation.sharding``) and writes, into
+``RESULTS_DIR.shards/shard-I-of-N/``, its *raw* output before any scoring (``evaluation.tasks.Raw``:
+each row's result as ``predictions.jsonl`` records it, teacher-forced hit counts per hop, the
+seconds spent) with a manifest naming what it is a part of: checkpoint, data, index, method and
+every option that changes a decoded token. The merge checks the shards agree with each other and
+with its own request, concatenates them in shard order and scores them with the one-process code
+(``tasks.rag_finish`` / ``el_finish``): predictions, metrics.json, plots, the manifest and one
+MLflow run, the same as a one-process run over the same rows (timings aside: ``s_per_question`` is
+then the shards' generation seconds added up, per question).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from evaluation.config import RunConfig
+from evaluation.index import remove_leftovers, replace_dir
+from evaluation.sharding import shard_dir, shard_slice, shards_dir
+from evaluation.tasks import Raw
+from onegen.errors import ConfigError, ManifestMismatch
+from onegen.manifest import fingerprint_files, read_manifest, write_manifest
+
+STAGE = "eval-shard"
+RAW = "raw.json"
+# The options that change what a row decodes into (or how it is counted): shards and merge must agree.
+DECODING = ("method", "setting", "max_new_tokens", "max_hops", "k", "force_retrieval_every", "pipeline_query",
+            "batch_size", "gen_batch_size", "dtype", "attn")
+
+
+def shard_rows(n: int, i: int, shards: int) -> list[int]:
+    return list(range(n))[shard_slice(n, i, shards)]
+
+
+def request_key(req: RunConfig, n: int, fingerprints: dict[str, Any]) -> dict[str, Any]:
+    """What a shard is a part of: the fingerprints of checkpoint, data and index, the rows, the options."""
+    return {**fingerprints, "n": n, "faiss": {"nprobe": req.faiss.nprobe, "ef_search": req.faiss.ef_search},
+            **{k: getattr(req, k) for k in DECODING}}
+
+
+def complete(d: Path) -> bool:
+    try:
+        read_manifest(d, expect_stage=STAGE)
+    except (ManifestMismatch, FileNotFoundError):
+        return False
+    return (d / RAW).is_file()
+
+
+def kept_shard(out: Path, i: int, shards: int, key: dict[str, Any]) -> bool:
+    """True when shard ``i`` of ``out`` is complete and was made for this very request."""
+    d = shard_dir(out, i, shards)
+    return complete(d) and read_manifest(d, expect_stage=STAGE).get("request") == _plain(key)
+
+
+def write_shard(out: Path, i: int, shards: int, raw: Raw, key: dict[str, Any], info: dict[str, Any]) -> Path:
+    """Shard ``i``'s raw output, atomically (the directory is renamed into place, manifest last)."""
+    target = shard_dir(out, i, shards)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(target)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        (tmp / RAW).write_text(json.dumps(raw.to_json(), default=_json_default))
+        write_manifest(tmp, STAGE, fingerprint=fingerprint_files(tmp, [RAW]), index=i, shards=shards,
+                       request=_plain(key), rows=len(raw.results), **info)
+        replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def read_shards(out: Path, shards: int, key: dict[str, Any], task: str) -> tuple[Raw, dict[str, Any]]:
+    """The ``shards`` raws of ``out`` as one run's (in shard order), and shard 0's ``info``; refuses a
+    missing shard or one made for another request, naming what differs."""
+    missing = [i for i in range(shards) if not complete(shard_dir(out, i, shards))]
+    if missing:
+        raise ConfigError(f"{shards_dir(out)}: shard(s) {missing} of {shards} are missing or incomplete; run "
+                          f"`evaluation run ... --shard I/{shards}` for them first (a complete shard is kept)")
+    parts, mans = [], []
+    want = _plain(key)
+    for i in range(shards):
+        d = shard_dir(out, i, shards)
+        man = read_manifest(d, expect_stage=STAGE)
+        got = man.get("request") or {}
+        diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+        if diff:
+            raise ManifestMismatch(f"{d} was made for another run (differs in: {', '.join(diff)}); rerun that shard "
+                                   f"with the same options, or delete {shards_dir(out)}")
+        parts.append(Raw.from_json(json.loads((d / RAW).read_text()), task))
+        mans.append(man)
+    return Raw.concat(parts), {**mans[0], "gen_s": [p.gen_s for p in parts]}
+
+
+def remove_shards(out: Path) -> None:
+    shutil.rmtree(shards_dir(out), ignore_errors=True)
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (paths as strings), so a stored request compares equal."""
+    return json.loads(json.dumps(obj, default=_json_default))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):  # numpy scalars
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
