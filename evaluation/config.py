@@ -96,8 +96,8 @@ class IndexConfig:
     attn: Attn = _attn()
     faiss: IndexParams = _faiss()
     shard: str | None = _opt(None, "I/N: encode only slice I (0-based) of N of the documents into OUT.shards/ and "
-                                   "stop: one task of a job array, then --merge (under torchrun every rank takes its "
-                                   "own slice and rank 0 merges, with no flag)")
+                                   "stop, then --merge N; 'array': this task of a SLURM job array (under torchrun "
+                                   "every rank takes its own slice and rank 0 merges, with no flag)")
     merge: int | None = _opt(None, "N: merge the N shards of OUT.shards/ (after every --shard I/N task) into the index")
     force: bool = _opt(False, "rebuild even if a complete index is there")
     progress: bool = _progress()
@@ -147,8 +147,9 @@ class RunConfig:
     experiment: str = _opt("onegen", "MLflow experiment")
     run_name: str | None = _opt(None, "MLflow run name (default <method>:<dataset>:<model>)")
     shard: str | None = _opt(None, "I/N: decode only slice I (0-based) of N of the rows into RESULTS_DIR.shards/ and stop "
-                                   "(one task of a job array; needs --index when the method uses one), then --merge N; "
-                                   "under torchrun every rank takes its own slice and rank 0 merges, with no flag")
+                                   "(needs --index when the method uses one), then --merge N; 'array': this task of a "
+                                   "SLURM job array; under torchrun every rank takes its own slice and rank 0 merges, "
+                                   "with no flag")
     merge: int | None = _opt(None, "N: score the N shards of RESULTS_DIR.shards/ as one run (one predictions file, "
                                    "metrics.json and MLflow run)")
     progress: bool = _progress()

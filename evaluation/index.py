@@ -100,9 +100,10 @@ def to_gpus(index: Any, fp16: bool, faiss_mod: Any = None) -> tuple[Any, dict]:
     return gpu, {"shard": True, "fp16": bool(fp16), "gpus": int(faiss.get_num_gpus())}
 
 
-def _train_ivf(faiss: Any, index: Any, emb: np.ndarray, nlist: int, gpu: bool) -> None:
+def _train_ivf(faiss: Any, index: Any, emb: np.ndarray, nlist: int, gpu: bool) -> int:
     """Train the coarse quantizer once, before any sharding (shards trained apart would each get their
-    own centroids); on GPUs the k-means assignment runs there (``clustering_index``)."""
+    own centroids); on GPUs the k-means assignment runs there (``clustering_index``). The number of
+    training vectors (a fixed-seed sample of at most 256 per list)."""
     # faiss wants 39..256 training points per list; a fixed-seed sample keeps big builds cheap.
     n = len(emb)
     cap = 256 * nlist
@@ -113,6 +114,7 @@ def _train_ivf(faiss: Any, index: Any, emb: np.ndarray, nlist: int, gpu: bool) -
     index.train(np.ascontiguousarray(emb[rows]))
     if clus is not None:
         index.clustering_index = None
+    return min(n, cap)
 
 
 def _make_faiss(emb: np.ndarray, kind: str, params: IndexParams) -> tuple[object, dict]:
@@ -147,7 +149,7 @@ def _make_faiss(emb: np.ndarray, kind: str, params: IndexParams) -> tuple[object
     # Only ivf gains from the GPUs at build time (list assignment); a flat add is a copy.
     gpu = kind == "ivf" and faiss_has_gpu()
     if kind in ("ivf", "ivfpq"):
-        _train_ivf(faiss, index, emb, used["nlist"], gpu)
+        used["train_sample"] = _train_ivf(faiss, index, emb, used["nlist"], gpu)
     work = index
     if gpu:
         work, used["gpu"] = to_gpus(index, params.faiss_fp16, faiss)

@@ -21,7 +21,15 @@ WAIT_POLL_S = 2.0
 
 
 def parse_shard(text: str) -> tuple[int, int]:
-    """``"I/N"`` -> ``(I, N)``, 0 <= I < N."""
+    """``"I/N"`` -> ``(I, N)``, 0 <= I < N; ``"array"``: this task of a SLURM job array
+    (``sbatch --array=0-3``: task ``SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN`` of ``SLURM_ARRAY_TASK_COUNT``)."""
+    if text == "array":
+        env = os.environ
+        if "SLURM_ARRAY_TASK_ID" not in env or "SLURM_ARRAY_TASK_COUNT" not in env:
+            raise ConfigError("--shard array: not a task of a SLURM job array (no SLURM_ARRAY_TASK_ID / "
+                              "SLURM_ARRAY_TASK_COUNT); give I/N")
+        text = (f"{int(env['SLURM_ARRAY_TASK_ID']) - int(env.get('SLURM_ARRAY_TASK_MIN', '0'))}"
+                f"/{env['SLURM_ARRAY_TASK_COUNT']}")
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:

@@ -54,9 +54,14 @@ index="${INDEX_DIR:-runs/index/${model_name}-$(basename "$data")}"
 run=("$PYTHON" -m evaluation run --model "$model" --data "$data" --method "$method"
      --tracking-uri "${MLFLOW_TRACKING_URI:-train}" --experiment "${MLFLOW_EXPERIMENT:-onegen}" --quiet)
 if [ -n "${EVAL_OUT:-}" ]; then run+=(--out "$EVAL_OUT"); fi
+sharded=""
+for a in "$@"; do case "$a" in --shard|--shard=*|--merge|--merge=*) sharded=1 ;; esac; done
 case "$method" in
   onegen|two-pass)
-    index_cmd=("$PYTHON" -m evaluation index --model "$model" --data "$data" --out "$index" --quiet)
+    # A shard (or the merge) of a sharded run uses the index built before it: the tasks of an array
+    # would otherwise all build the same one (docs/slurm.md, "Sharded").
+    if [ -n "$sharded" ]; then index_cmd=()
+    else index_cmd=("$PYTHON" -m evaluation index --model "$model" --data "$data" --out "$index" --quiet); fi
     run+=(--index "$index") ;;
   *) index_cmd=() ;;
 esac

@@ -35,6 +35,17 @@ def test_shard_slices_cover_every_document_once():
             parse_shard(bad)
 
 
+def test_a_job_array_task_finds_its_shard(monkeypatch):
+    for k in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(ConfigError, match="not a task of a SLURM job array"):
+        parse_shard("array")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "5")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")  # sbatch --array=5-8
+    assert parse_shard("array") == (2, 4)
+
+
 def _same_index(a, b) -> None:
     ia, ib = open_index(a), open_index(b)
     assert ia.doc_ids == ib.doc_ids

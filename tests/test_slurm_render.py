@@ -216,6 +216,11 @@ def test_eval_commands(tmp_path):
     assert "index: " not in out  # a separate retriever: no checkpoint index
     run = shlex.split(re.search(r"eval: (.*)", out).group(1))
     assert _opt(run, "--tracking-uri") == "http://mlflow-host:5000" and "--index" not in run
+    # a shard of a sharded run (a job-array task) uses the index built before it, and builds none
+    for flags in (["--shard", "array"], ["--merge=4"]):
+        out = _run("eval.sh", ["runs/x/model", "runs/world/rag_dev", *flags], env, tmp_path)
+        run = shlex.split(re.search(r"eval: (.*)", out).group(1))
+        assert "index: " not in out and _opt(run, "--index") == "runs/index/x-rag_dev" and run[-len(flags):] == flags
 
 
 def test_launch_helper_submits(tmp_path):
