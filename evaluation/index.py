@@ -36,6 +36,7 @@ Two search settings (``DocIndex.search``): *open* (faiss over the whole index) a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -43,7 +44,7 @@ import shutil
 import time
 import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -217,11 +218,7 @@ def build_index(model_dir: str | Path, prepared_dir: str | Path, out_dir: str | 
         runtime = _runtime_for(model_dir, data, mman["fingerprint"], runtime, device, dtype, attn)
         n, dim = len(positions), int(runtime.model.config.hidden_size)
 
-        remove_leftovers(out_dir)
-        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
+        with staged_dir(out_dir) as tmp:
             emb = np.lib.format.open_memmap(tmp / EMBEDDINGS, mode="w+", dtype=np.float32, shape=(n, dim))
             bar = tqdm(total=n, desc=f"index {Path(prepared_dir).name}", unit="doc", disable=not progress)
             t_enc = time.perf_counter()
@@ -237,10 +234,6 @@ def build_index(model_dir: str | Path, prepared_dir: str | Path, out_dir: str | 
                 ret_tokens=runtime.tagger.tokens.doc_ret_tokens(), **runtime.precision_record(),
                 encode_seconds=round(t_enc, 3))
             del emb
-            replace_dir(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return manifest
 
 
@@ -253,6 +246,23 @@ def finish_index(tmp: Path, emb: np.ndarray, kind: str, params: IndexParams, t0:
                           metric="ip", normalized=True, kind=kind, params=used, faiss_version=_faiss().__version__,
                           faiss_gpu={"shard": True, "fp16": bool(params.faiss_fp16)},
                           **fields, build_seconds=round(time.perf_counter() - t0, 3))
+
+
+@contextlib.contextmanager
+def staged_dir(target: Path) -> Iterator[Path]:
+    """A fresh temporary sibling of ``target`` to write into: renamed into place when the block ends,
+    deleted when it raises (what a killed process leaves behind, the next one removes)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(target)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def remove_leftovers(out_dir: Path) -> None:

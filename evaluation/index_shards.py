@@ -21,7 +21,6 @@ an uninterrupted build. The merge deletes the shards once the index is in place.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from tqdm.auto import tqdm
 from evaluation.checks import model_manifest
 from evaluation.config import IndexKind, IndexParams
 from evaluation.doc_select import doc_positions, encode_into, subset_doc_ids
-from evaluation.index import DOC_IDS, EMBEDDINGS, _runtime_for, finish_index, remove_leftovers, replace_dir
+from evaluation.index import DOC_IDS, EMBEDDINGS, _runtime_for, finish_index, staged_dir
 from evaluation.sharding import shard_dir, shard_slice, shards_dir
 from onegen.errors import ConfigError, ManifestMismatch
 from onegen.manifest import fingerprint_files, read_manifest, write_manifest
@@ -80,12 +79,7 @@ def encode_shard(model_dir: str | Path, prepared_dir: str | Path, out_dir: str |
     part = positions[shard_slice(len(positions), i, n)]
     runtime = _runtime_for(model_dir, data, mman["fingerprint"], None, device, dtype, attn)
     dim = int(runtime.model.config.hidden_size)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(target)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(target) as tmp:
         emb = np.lib.format.open_memmap(tmp / EMBEDDINGS, mode="w+", dtype=np.float32, shape=(len(part), dim))
         t_enc = time.perf_counter()
         with tqdm(total=len(part), desc=f"shard {i}/{n}", unit="doc", disable=not progress) as bar:
@@ -101,10 +95,6 @@ def encode_shard(model_dir: str | Path, prepared_dir: str | Path, out_dir: str |
                              model_dir=str(Path(model_dir).resolve()), prepared_dir=str(Path(prepared_dir).resolve()),
                              ret_tokens=runtime.tagger.tokens.doc_ret_tokens(), **runtime.precision_record(),
                              encode_seconds=round(t_enc, 3), seconds=round(time.perf_counter() - t0, 3))
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"shard {i}/{n} of {out_dir}: {len(part)} documents in {man['encode_seconds']:.1f}s")
     return man
 
@@ -128,16 +118,8 @@ def merge_shards(out_dir: str | Path, n: int, *, kind: IndexKind = "flat", param
     if sum(m["count"] for m in mans) != first["of_docs"]:
         raise ManifestMismatch(f"{shards_dir(out_dir)}: the shards hold {sum(m['count'] for m in mans)} documents, "
                                f"the build needs {first['of_docs']}")
-    remove_leftovers(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(out_dir) as tmp:
         man = _write_merged(tmp, out_dir, mans, kind, params or IndexParams(), t0)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if not keep:
         shutil.rmtree(shards_dir(out_dir), ignore_errors=True)
     log(f"index {out_dir}: {man['count']} vectors x {man['dim']} ({kind}) merged from {n} shards")

@@ -15,13 +15,12 @@ then the shards' generation seconds added up, per question).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from evaluation.config import RunConfig
-from evaluation.index import remove_leftovers, replace_dir
+from evaluation.index import staged_dir
 from evaluation.sharding import shard_dir, shard_slice, shards_dir
 from evaluation.tasks import Raw
 from onegen.errors import ConfigError, ManifestMismatch
@@ -61,19 +60,10 @@ def kept_shard(out: Path, i: int, shards: int, key: dict[str, Any]) -> bool:
 def write_shard(out: Path, i: int, shards: int, raw: Raw, key: dict[str, Any], info: dict[str, Any]) -> Path:
     """Shard ``i``'s raw output, atomically (the directory is renamed into place, manifest last)."""
     target = shard_dir(out, i, shards)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(target)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(target) as tmp:
         (tmp / RAW).write_text(json.dumps(raw.to_json(), default=_json_default))
         write_manifest(tmp, STAGE, fingerprint=fingerprint_files(tmp, [RAW]), index=i, shards=shards,
                        request=_plain(key), rows=len(raw.results), **info)
-        replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
