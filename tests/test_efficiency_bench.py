@@ -58,3 +58,26 @@ def test_generation_batch_bench(random_model, world, dataset):  # noqa: F811
     assert [s.split(":")[0].split()[-1] for s in sizes] == ["1", "2", "5"]
     assert all(s.endswith("answers equal to batch 1: 5/5") for s in sizes)
     assert lines[-1].startswith("speed-up over batch 1: batch 2 ") and "batch 5 " in lines[-1]
+
+
+@pytest.mark.slow
+def test_index_scale_bench_small(tmp_path):
+    """bench/index_scale.py at a small size: world, corpus, a 3-step checkpoint, 1/1-thread/2-rank encoding,
+    every kind measured against flat with the model's own query states; the tables are written."""
+    from tests.train_fixtures import env
+
+    out = tmp_path / "scale"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "index_scale.py"), "--out", str(out), "--entities", "3000",
+                        "--steps", "3"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads((out / "index_scale.json").read_text())
+    for task in ("rag", "el"):
+        enc, kinds = res[task]["encode"], res[task]["kinds"]
+        assert enc["1 process"]["docs"] >= 3000 and enc["2 ranks"]["docs"] == enc["1 process"]["docs"]
+        assert enc["speedup"] > 0 and res[task]["queries"] > 0
+        assert list(kinds) == ["flat", "ivf", "ivfpq", "hnsw"]
+        assert kinds["flat"]["recall10_vs_flat"] == 1.0 and kinds["flat"]["qps_vs_flat"] == 1.0
+        assert all(0.0 <= k[m] <= 1.0 for k in kinds.values() for m in ("recall1_vs_flat", "recall10_vs_flat",
+                                                                         "gold_recall1", "gold_recall10"))
+        assert kinds["ivfpq"]["bytes_per_vector"] < kinds["flat"]["bytes_per_vector"]
+    assert "| ivfpq |" in (out / "index_scale.md").read_text() and "docs/s" in p.stdout
