@@ -84,14 +84,16 @@ def cmd_synthetic(ns: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_world(ns: argparse.Namespace) -> int:
-    overrides = [f"out={ns.out}", f"num_proc={ns.num_proc}"]
-    if ns.train_questions is not None:
-        overrides.append(f"world.n_train_questions={ns.train_questions}")
-    if ns.dev_questions is not None:
-        overrides.append(f"world.n_dev_questions={ns.dev_questions}")
-    if ns.tokenizer:
-        overrides.append(f"tokenizer={ns.tokenizer}")
-    cfg = load_config(WorldPrepConfig, None, overrides + list(ns.overrides))
+    if ns.help_config:
+        print(help_text(WorldPrepConfig))
+        return 0
+    overrides = flag_overrides(ns, WorldPrepConfig)  # --out, --tokenizer, --num-proc, --shard-size
+    for flag, key in (("train_questions", "world.n_train_questions"), ("dev_questions", "world.n_dev_questions")):
+        if getattr(ns, flag) is not None:
+            overrides.append(f"{key}={getattr(ns, flag)}")
+    cfg = load_config(WorldPrepConfig, ns.config, overrides + list(ns.overrides))
+    if not cfg.out:
+        raise ConfigError("world: give the output directory (--out DIR, or out: in the recipe)")
     with _dir_lock(cfg.out):
         prepare_world(cfg)
     return 0
@@ -113,11 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("synthetic", help="write the synthetic world's raw files (see: synthetic --help)", add_help=False,
                    allow_abbrev=False)
     pw = sub.add_parser("world", help="generate the synthetic world and prepare its four splits", allow_abbrev=False)
-    pw.add_argument("--out", required=True)
-    pw.add_argument("--num-proc", type=int, default=1)
-    pw.add_argument("--train-questions", type=int)
-    pw.add_argument("--dev-questions", type=int)
-    pw.add_argument("--tokenizer", help="default bpe:N trained on the world")
+    pw.add_argument("--config", help="YAML recipe with WorldPrepConfig fields")
+    add_config_flags(pw, WorldPrepConfig)  # one flag per top-level field: --out, --tokenizer, --num-proc, ...
+    pw.add_argument("--train-questions", type=int, help="train questions (= world.n_train_questions)")
+    pw.add_argument("--dev-questions", type=int, help="dev questions (= world.n_dev_questions)")
+    pw.add_argument("--help-config", action="store_true", help="list every config field and exit")
     pw.add_argument("overrides", nargs="*", help="key=value (world.*, tagging.*, mining.*)")
 
     if argv and argv[0] == "synthetic":

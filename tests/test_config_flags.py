@@ -107,3 +107,14 @@ def test_a_flat_section_gets_flags_of_its_own_names():
     cfg = _eval("run", "--model", "m", "--data", "d", "--nprobe", "16", "--faiss-fp16", "faiss.ef_search=64")
     assert (cfg.faiss.nprobe, cfg.faiss.faiss_fp16, cfg.faiss.ef_search) == (16, True, 64)
     assert _eval("index", "--model", "m", "--data", "d", "--out", "o", "--kind", "ivfpq", "--pq-m", "8").faiss.pq_m == 8
+
+
+def test_prep_world_has_the_same_mechanism(capsys, tmp_path):
+    from data_prep.__main__ import main as prep_main
+
+    assert prep_main(["world", "--help-config"]) == 0
+    fields = capsys.readouterr().out
+    assert "  num_proc = 1" in fields and "world.n_train_questions" in fields
+    assert prep_main(["world", "--num-proc", "2"]) == 2 and "give the output directory" in capsys.readouterr().err
+    assert prep_main(["world", "--out", str(tmp_path / "w"), "world.n_train_question=3"]) == 2
+    assert "did you mean 'n_train_questions'" in capsys.readouterr().err
