@@ -29,6 +29,11 @@ Index of a run: with --max-examples N in the distractor setting, only the docume
 retrieve (their candidates + gold) are encoded; the index manifest records the subset, and it is
 reused only for runs over at most those rows.
 
+Sharding (index and run): under torchrun/deepspeed every rank takes a contiguous slice of the
+documents (index) or rows (run) and rank 0 merges; as separate jobs, --shard I/N (or --shard array in
+a SLURM job array) then --merge N. The merged index or run equals a one-process one; a complete shard
+is kept on a rerun (docs/slurm.md).
+
 Precision: --dtype / --attn (default on CUDA: bf16 + flash-attn when installed, else fp32 + sdpa); the
 choice is printed, written in the index manifest and logged as MLflow params. faiss on several GPUs
 is sharded (each GPU holds 1/n of the index); --faiss-fp16 stores a flat index in fp16 there.
