@@ -161,11 +161,11 @@ def cmd_index(cfg: IndexConfig) -> int:
 def _index_sharded(cfg: IndexConfig, shard: tuple[int, int] | None) -> int:
     """One shard (``--shard I/N``, or this rank's under a launcher: rank 0 then merges), or ``--merge N``."""
     from evaluation.index_reuse import reusable_index, say_reused  # (see cmd_index)
-    from evaluation.index_shards import encode_shard, merge_shards, shard_complete
+    from evaluation.index_shards import SHARD_FILES, SHARD_STAGE, encode_shard, merge_shards
     from evaluation.sharding import set_up_rank, wait_for_shards
 
     launched = cfg.shard is None and cfg.merge is None
-    device = (set_up_rank() or cfg.device) if launched and cfg.device is None else cfg.device
+    device = set_up_rank() if launched and cfg.device is None else cfg.device
     if not cfg.force:
         man, _ = reusable_index(cfg.model, cfg.data, cfg.out, kind=cfg.kind, device=device, dtype=cfg.dtype,
                                 attn=cfg.attn, rows=cfg.rows, log=lambda m: None)
@@ -178,7 +178,7 @@ def _index_sharded(cfg: IndexConfig, shard: tuple[int, int] | None) -> int:
                      attn=cfg.attn, rows=cfg.rows, progress=cfg.progress)
         if not launched or i != 0:
             return 0
-        wait_for_shards(cfg.out, n, shard_complete)
+        wait_for_shards(cfg.out, n, SHARD_STAGE, SHARD_FILES)
     man = merge_shards(cfg.out, cfg.merge or shard[1], kind=cfg.kind, params=cfg.faiss)  # type: ignore[index]
     _say_index(cfg.out, man, "merged")
     return 0

@@ -384,11 +384,11 @@ class DocIndex:
         scores, ids = self._faiss.search(q, min(k * refine, max(len(self), 1)))
         out = []
         for row in range(len(q)):
-            found = ids[row][ids[row] >= 0]
+            found = np.sort(ids[row][ids[row] >= 0])  # ascending: the stored vectors are read in order
             if refine > 1 and len(found):
-                exact = np.asarray(self.embeddings[np.sort(found)], dtype=np.float32) @ q[row]
+                exact = np.asarray(self.embeddings[found], dtype=np.float32) @ q[row]
                 order = np.argsort(-exact, kind="stable")[:k]
-                out.append([(self.doc_ids[j], float(exact[o])) for o, j in zip(order, np.sort(found)[order])])
+                out.append([(self.doc_ids[found[o]], float(exact[o])) for o in order])
             else:
                 out.append([(self.doc_ids[j], float(s)) for j, s in zip(ids[row], scores[row]) if j >= 0])
         return out

@@ -33,27 +33,19 @@ from evaluation.checks import model_manifest
 from evaluation.config import IndexKind, IndexParams
 from evaluation.doc_select import doc_positions, encode_into, subset_doc_ids
 from evaluation.index import DOC_IDS, EMBEDDINGS, _runtime_for, finish_index, staged_dir
-from evaluation.sharding import shard_dir, shard_slice, shards_dir
+from evaluation.sharding import complete_manifest, shard_dir, shard_slice, shards_dir
 from onegen.errors import ConfigError, ManifestMismatch
-from onegen.manifest import fingerprint_files, read_manifest, write_manifest
+from onegen.manifest import fingerprint_files, write_manifest
 from onegen.prepared import open_prepared
 
 SHARD_STAGE = "index-shard"
+SHARD_FILES = (EMBEDDINGS, DOC_IDS)
 # What must agree between a shard on disk and the request (and between the shards of one merge).
 _SAME = ("model_fingerprint", "prepared_fingerprint", "subset_rows", "shards", "dtype", "attn")
 
 
 def _complete(d: Path) -> dict | None:
-    """The manifest of a complete shard directory, else None."""
-    try:
-        man = read_manifest(d, expect_stage=SHARD_STAGE)
-    except (ManifestMismatch, FileNotFoundError):
-        return None
-    return man if all((d / f).is_file() for f in (EMBEDDINGS, DOC_IDS)) else None
-
-
-def shard_complete(d: Path) -> bool:
-    return _complete(d) is not None
+    return complete_manifest(d, SHARD_STAGE, SHARD_FILES)
 
 
 def encode_shard(model_dir: str | Path, prepared_dir: str | Path, out_dir: str | Path, i: int, n: int, *,
@@ -91,7 +83,8 @@ def encode_shard(model_dir: str | Path, prepared_dir: str | Path, out_dir: str |
         (tmp / DOC_IDS).write_text(json.dumps([ids[p] for p in part]))
         same = {k: v for k, v in want.items() if k not in ("dtype", "attn")}  # those come with the precision record
         man = write_manifest(tmp, SHARD_STAGE, fingerprint=fingerprint_files(tmp, [EMBEDDINGS, DOC_IDS]), **same,
-                             index=i, count=len(part), dim=dim, of_docs=len(positions), task=data.task,
+                             index=i, count=len(part), dim=dim, of_docs=len(positions), all_docs=len(data.docs),
+                             task=data.task,
                              model_dir=str(Path(model_dir).resolve()), prepared_dir=str(Path(prepared_dir).resolve()),
                              ret_tokens=runtime.tagger.tokens.doc_ret_tokens(), **runtime.precision_record(),
                              encode_seconds=round(t_enc, 3), seconds=round(time.perf_counter() - t0, 3))
@@ -139,7 +132,7 @@ def _write_merged(tmp: Path, out_dir: Path, mans: list[dict], kind: IndexKind, p
     emb.flush()
     (tmp / DOC_IDS).write_text(json.dumps(ids))
     subset = None if first["subset_rows"] is None else {"rows": first["subset_rows"], "docs": count,
-                                                        "of_docs": _all_docs(first["prepared_dir"])}
+                                                        "of_docs": first["all_docs"]}
     precision = {k: first[k] for k in ("dtype", "attn", "attn_reason", "device") if k in first}
     return finish_index(tmp, emb, kind, params, t0, model_fingerprint=first["model_fingerprint"],
                         model_dir=first["model_dir"], prepared_fingerprint=first["prepared_fingerprint"],
@@ -147,7 +140,3 @@ def _write_merged(tmp: Path, out_dir: Path, mans: list[dict], kind: IndexKind, p
                         ret_tokens=first["ret_tokens"], **precision,
                         encode_seconds=round(max(m["encode_seconds"] for m in mans), 3),
                         sharded={"shards": n, "encode_seconds": [m["encode_seconds"] for m in mans]})
-
-
-def _all_docs(prepared_dir: str) -> int:
-    return len(open_prepared(prepared_dir).docs)

@@ -42,17 +42,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 from evaluation import plots
 from evaluation.checks import preflight
 from evaluation.config import NORMALIZATIONS, PIPELINE_QUERIES, SETTINGS, RunConfig
 from evaluation.index import open_index
 from evaluation.index_reuse import check_given_index, ensure_index, rows_to_index
-from evaluation.run_shards import complete as complete_shard
+from evaluation.run_shards import FILES as SHARD_FILES, STAGE as SHARD_STAGE
 from evaluation.run_shards import kept_shard, read_shards, remove_shards, request_key, shard_rows, write_shard
 from evaluation.sharding import launcher_shard, parse_shard, set_up_rank, shard_dir, wait_for_shards
-from evaluation.tasks import Raw, el_finish, el_generate, rag_finish, rag_generate
+from evaluation.tasks import Raw, el_finish, el_generate, json_default, rag_finish, rag_generate
 from evaluation.tracking import EvalTracker, resolve_tracking_uri, train_link
 from onegen.errors import ConfigError
 from onegen.manifest import atomic_write_bytes, fingerprint_files, read_manifest, write_manifest
@@ -92,24 +90,12 @@ def _write_jsonl(path: Path, rows) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n")
+            f.write(json.dumps(r, ensure_ascii=False, default=json_default) + "\n")
     os.replace(tmp, path)
 
 
-def _json_default(o: Any):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=json_default) + "\n").encode())
 
 
 def _check_request(req: RunConfig, task: str | None = None, data_dir: Path | None = None) -> None:
@@ -199,7 +185,7 @@ def run_eval(req: RunConfig, log: Callable[[str], None] = print) -> EvalOutcome 
         _run_shard(req, out, shard, task, dman, mman, ocfg, index_dir, needs_index, log)
         if req.shard is not None or shard[0] != 0:
             return None  # a shard of a job array, or a rank other than 0: rank 0 (or `--merge N`) merges
-        wait_for_shards(out, shard[1], complete_shard, log=log)
+        wait_for_shards(out, shard[1], SHARD_STAGE, SHARD_FILES, log=log)
         merge = shard[1]
     with DirLock(out):  # one writer per results dir (onegen/runlock.py): a second run on it refuses at once
         return _run_locked(req, out, task, dman, mman, ocfg, prec, index_dir, needs_index, log, merge)

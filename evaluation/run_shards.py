@@ -21,13 +21,14 @@ from typing import Any
 
 from evaluation.config import RunConfig
 from evaluation.index import staged_dir
-from evaluation.sharding import shard_dir, shard_slice, shards_dir
-from evaluation.tasks import Raw
+from evaluation.sharding import complete_manifest, shard_dir, shard_slice, shards_dir
+from evaluation.tasks import Raw, json_default
 from onegen.errors import ConfigError, ManifestMismatch
-from onegen.manifest import fingerprint_files, read_manifest, write_manifest
+from onegen.manifest import fingerprint_files, write_manifest
 
 STAGE = "eval-shard"
 RAW = "raw.json"
+FILES = (RAW,)
 # The options that change what a row decodes into (or how it is counted): shards and merge must agree.
 DECODING = ("method", "setting", "max_new_tokens", "max_hops", "k", "force_retrieval_every", "pipeline_query",
             "batch_size", "gen_batch_size", "dtype", "attn")
@@ -43,25 +44,21 @@ def request_key(req: RunConfig, n: int, fingerprints: dict[str, Any]) -> dict[st
             **{k: getattr(req, k) for k in DECODING}}
 
 
-def complete(d: Path) -> bool:
-    try:
-        read_manifest(d, expect_stage=STAGE)
-    except (ManifestMismatch, FileNotFoundError):
-        return False
-    return (d / RAW).is_file()
+def _complete(d: Path) -> dict | None:
+    return complete_manifest(d, STAGE, FILES)
 
 
 def kept_shard(out: Path, i: int, shards: int, key: dict[str, Any]) -> bool:
     """True when shard ``i`` of ``out`` is complete and was made for this very request."""
-    d = shard_dir(out, i, shards)
-    return complete(d) and read_manifest(d, expect_stage=STAGE).get("request") == _plain(key)
+    man = _complete(shard_dir(out, i, shards))
+    return man is not None and man.get("request") == _plain(key)
 
 
 def write_shard(out: Path, i: int, shards: int, raw: Raw, key: dict[str, Any], info: dict[str, Any]) -> Path:
     """Shard ``i``'s raw output, atomically (the directory is renamed into place, manifest last)."""
     target = shard_dir(out, i, shards)
     with staged_dir(target) as tmp:
-        (tmp / RAW).write_text(json.dumps(raw.to_json(), default=_json_default))
+        (tmp / RAW).write_text(json.dumps(raw.to_json(), default=json_default))
         write_manifest(tmp, STAGE, fingerprint=fingerprint_files(tmp, [RAW]), index=i, shards=shards,
                        request=_plain(key), rows=len(raw.results), **info)
     return target
@@ -70,23 +67,22 @@ def write_shard(out: Path, i: int, shards: int, raw: Raw, key: dict[str, Any], i
 def read_shards(out: Path, shards: int, key: dict[str, Any], task: str) -> tuple[Raw, dict[str, Any]]:
     """The ``shards`` raws of ``out`` as one run's (in shard order), and shard 0's ``info``; refuses a
     missing shard or one made for another request, naming what differs."""
-    missing = [i for i in range(shards) if not complete(shard_dir(out, i, shards))]
+    mans = [_complete(shard_dir(out, i, shards)) for i in range(shards)]
+    missing = [i for i, m in enumerate(mans) if m is None]
     if missing:
         raise ConfigError(f"{shards_dir(out)}: shard(s) {missing} of {shards} are missing or incomplete; run "
                           f"`evaluation run ... --shard I/{shards}` for them first (a complete shard is kept)")
-    parts, mans = [], []
+    parts = []
     want = _plain(key)
-    for i in range(shards):
+    for i, man in enumerate(mans):
         d = shard_dir(out, i, shards)
-        man = read_manifest(d, expect_stage=STAGE)
-        got = man.get("request") or {}
+        got = man.get("request") or {}  # type: ignore[union-attr]  (None is refused above)
         diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
         if diff:
             raise ManifestMismatch(f"{d} was made for another run (differs in: {', '.join(diff)}); rerun that shard "
                                    f"with the same options, or delete {shards_dir(out)}")
         parts.append(Raw.from_json(json.loads((d / RAW).read_text()), task))
-        mans.append(man)
-    return Raw.concat(parts), {**mans[0], "gen_s": [p.gen_s for p in parts]}
+    return Raw.concat(parts), {**mans[0], "gen_s": [p.gen_s for p in parts]}  # type: ignore[dict-item]
 
 
 def remove_shards(out: Path) -> None:
@@ -95,12 +91,4 @@ def remove_shards(out: Path) -> None:
 
 def _plain(obj: Any) -> Any:
     """``obj`` as it reads back from JSON (paths as strings), so a stored request compares equal."""
-    return json.loads(json.dumps(obj, default=_json_default))
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "item"):  # numpy scalars
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+    return json.loads(json.dumps(obj, default=json_default))

@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
-from onegen.errors import ConfigError
+from onegen.errors import ConfigError, ManifestMismatch
+from onegen.manifest import read_manifest
 
 WAIT_POLL_S = 2.0
 
@@ -72,14 +73,23 @@ def shard_slice(count: int, i: int, n: int) -> slice:
     return slice(count * i // n, count * (i + 1) // n)
 
 
-def wait_for_shards(out_dir: str | Path, n: int, complete: Callable[[Path], bool], timeout_s: float | None = None,
+def complete_manifest(d: Path, stage: str, files: Sequence[str]) -> dict | None:
+    """The manifest of shard directory ``d`` when it is complete (its ``stage`` manifest, written last,
+    and its ``files``), else None."""
+    try:
+        man = read_manifest(d, expect_stage=stage)
+    except (ManifestMismatch, FileNotFoundError):
+        return None
+    return man if all((d / f).is_file() for f in files) else None
+
+
+def wait_for_shards(out_dir: str | Path, n: int, stage: str, files: Sequence[str], timeout_s: float | None = None,
                     log: Callable[[str], None] = print) -> None:
-    """Block until ``complete(shard dir)`` holds for the ``n`` shards of ``out_dir`` (rank 0 of a
-    launcher, before it merges)."""
+    """Block until the ``n`` shards of ``out_dir`` are complete (rank 0 of a launcher, before it merges)."""
     t0 = time.monotonic()
     said = False
     while True:
-        missing = [i for i in range(n) if not complete(shard_dir(out_dir, i, n))]
+        missing = [i for i in range(n) if complete_manifest(shard_dir(out_dir, i, n), stage, files) is None]
         if not missing:
             return
         if not said:

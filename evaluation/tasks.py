@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -120,6 +121,20 @@ def _scores_for_hist(pairs) -> tuple[list[float], list[float]]:
     return hit, miss
 
 
+def json_default(o: Any) -> Any:
+    """What ``json.dumps`` cannot write itself in a run's files: numpy scalars and arrays, paths."""
+    if hasattr(o, "tolist"):  # numpy arrays and scalars (a numpy scalar's tolist() is the Python value)
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _add_counts(counts: list[dict[int, int]]) -> dict[int, int]:
+    """Per-hop counts of disjoint rows added up (a hop missing from a part counts 0 there)."""
+    return {j: sum(c.get(j, 0) for c in counts) for j in sorted(set().union(*counts))}
+
+
 @dataclass
 class Raw:
     """What decoding a set of rows produced, before any scoring: a shard of a run writes it
@@ -155,8 +170,7 @@ class Raw:
         first = parts[0]
         counts = None
         if first.tf_counts is not None:
-            counts = tuple({j: sum(p.tf_counts[k].get(j, 0) for p in parts)  # type: ignore[index]
-                            for j in sorted({j for p in parts for j in p.tf_counts[k]})} for k in (0, 1))  # type: ignore[index]
+            counts = tuple(_add_counts([p.tf_counts[k] for p in parts]) for k in (0, 1))  # type: ignore[index]
         return cls([r for p in parts for r in p.results], counts, sum(p.gen_s for p in parts), first.config,  # type: ignore[arg-type]
                    first.tf_query, [r for p in parts for r in p.replayed], sum(p.replay_s for p in parts))
 
