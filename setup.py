@@ -51,6 +51,8 @@ setup(
         "rich>=13",
         "matplotlib>=3.8",
         "gguf>=0.10",
+        # LoRA adapters (model.lora); the special tokens' rows are our own small layer (pipeline/lora.py).
+        "peft>=0.15",
         "sentencepiece>=0.2",
     ],
     extras_require={

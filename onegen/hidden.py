@@ -35,7 +35,13 @@ def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
     return base
 
 
-def last_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def last_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, L, H]`` last-layer states. With ``position_ids`` the rows are *packed* (several sequences per
+    row, each restarting its positions at 0): no attention mask is passed, so transformers builds the
+    block-diagonal causal mask from the position resets (flash-attn: its varlen path)."""
+    if position_ids is not None:
+        return decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
     return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 

@@ -50,6 +50,8 @@ class CollatorConfig:
     )
     pad_to_multiple_of: int | None = field(default=8, metadata={"help": "round padded lengths up to a multiple"})
     seed: int = field(default=0, metadata={"help": "seed of the negative sampling"})
+    packing: bool = field(default=False, metadata={"help": "pack rows into long sequences with position_ids (TrainConfig data.packing)"})
+    pack_tokens: int = field(default=0, metadata={"help": "most tokens per packed sequence; 0: one per micro-batch"})
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -84,10 +86,15 @@ class Batch:
     example_ids: list[str]  # one per query row given to the collator
     q_pos_ids: list[str]  # [R] positive doc id strings
     q_neg_ids: list[list[str]]  # [R] sampled negative doc ids
+    # Packed batches (``data.packing``): per-token positions restarting at 0 for each packed sequence
+    # (None: padded rows, positions from the attention mask), and the row of each doc's RET state.
+    position_ids: torch.Tensor | None = None  # [B, L] int64
+    doc_position_ids: torch.Tensor | None = None  # [D', Ld] int64
+    doc_ret_row: torch.Tensor | None = None  # [D] int64 (None: doc i is row i)
 
     @property
     def num_docs(self) -> int:
-        return int(self.doc_input_ids.shape[0])
+        return len(self.doc_ids)  # not doc_input_ids' rows: packed, several docs share a row
 
     @property
     def num_ret(self) -> int:

@@ -8,6 +8,30 @@ from typing import Literal, get_args
 from onegen.config import FieldError
 
 
+# The projections of Llama, Qwen2 and Mistral blocks (attention and MLP): LoRA's usual targets there.
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraConfig:
+    """``model.lora``: low-rank adapters (peft) on the frozen base; the special tokens' rows still train."""
+
+    enabled: bool = field(default=False, metadata={"help": "train LoRA adapters instead of every weight; the new special tokens' embedding and LM-head rows (only those rows) train too"})
+    r: int = field(default=16, metadata={"help": "adapter rank"})
+    alpha: float = field(default=32.0, metadata={"help": "adapter scale numerator (scale = alpha / r)"})
+    dropout: float = field(default=0.05, metadata={"help": "dropout on the adapters' input"})
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS), metadata={"help": "module names that get adapters (default: every attention and MLP projection of Llama/Qwen2/Mistral)"})
+    export_adapter: bool = field(default=False, metadata={"help": "also export the adapter alone (peft format, its base named) beside the merged model"})
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise FieldError("model.lora.r", f"expected >= 1, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise FieldError("model.lora.dropout", f"expected a number in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise FieldError("model.lora.target_modules", "expected at least one module name")
+
+
 @dataclass
 class ModelConfig:
     source: str = field(default="tiny", metadata={"help": "tiny (a Llama built from the fields below), smollm2 (offline GGUF), a local HF dir, or a hub name with allow_network"})
@@ -25,6 +49,7 @@ class ModelConfig:
     attn_implementation: str = field(default="auto", metadata={"help": "auto (flash_attention_2 with CUDA + flash-attn, else sdpa), sdpa, eager, flash_attention_2"})
     dtype: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={"help": "auto: bf16 on a GPU that supports it, else fp32 (flash-attn needs bf16)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward to save memory"})
+    lora: LoraConfig = field(default_factory=LoraConfig)
     train_layers: int = field(default=0, metadata={"help": "train only the top N transformer blocks, the final norm and the LM head (with tied embeddings, the embedding through it); nothing below block L-N records a graph, so backward costs N/L of a full one (0: train everything)"})
 
 
@@ -33,6 +58,8 @@ class DataConfig:
     train: list[str] = field(default_factory=list, metadata={"help": "prepared dataset dirs (data_prep output) to train on, mixed"})
     eval: list[str] = field(default_factory=list, metadata={"help": "prepared dataset dirs for the periodic teacher-forced evaluation"})
     eval_max_rows: int = field(default=200, metadata={"help": "rows of each eval set used by the periodic evaluation"})
+    packing: bool = field(default=False, metadata={"help": "padding-free batches: the rows of a micro-batch (query rows, and separately document rows) are packed into long sequences with per-row position_ids, so no token attends across rows (flash-attn varlen on GPU, a block-diagonal causal mask with sdpa/eager)"})
+    pack_tokens: int = field(default=0, metadata={"help": "packing: most tokens in one packed sequence (rows are binned first-fit by length; 0: one sequence per micro-batch, best with flash-attn; on CPU a bin near the longest row keeps the dense mask small)"})
     eval_max_candidates: int = field(default=2000, metadata={"help": "entity linking: KB entries the periodic evaluation ranks against (the rows' positives + a seeded sample); a larger KB is sampled and the metric is then named retrieval_acc@N"})
 
 
@@ -52,6 +79,8 @@ class LossConfig:
     ret_loss: RetLoss = field(default="bpr", metadata={"help": "bpr (paper default) or infonce over the global batch"})
     temperature: float = field(default=0.02, metadata={"help": "InfoNCE temperature"})
     num_negatives: int = field(default=2, metadata={"help": "hard negatives sampled per RET token per epoch"})
+    grad_cache: bool = field(default=False, metadata={"help": "gradient caching for the retrieval loss: embeddings first without a graph, the loss and its embedding gradients over the global batch, then each chunk re-run with a graph and back-propagated; peak memory follows the chunk, not the contrastive batch"})
+    grad_cache_chunk: int = field(default=4, metadata={"help": "grad_cache: rows (query rows, document rows; packed: packed sequences) per re-run chunk"})
 
     def __post_init__(self) -> None:  # a recipe's types are checked on load; this also guards direct construction
         if self.mode not in MODES:
@@ -60,6 +89,8 @@ class LossConfig:
             raise FieldError("loss.ret_loss", f"expected one of {list(RET_LOSSES)}, got {self.ret_loss!r}")
         if self.temperature <= 0:
             raise FieldError("loss.temperature", f"must be > 0, got {self.temperature}")
+        if self.grad_cache_chunk < 1:
+            raise FieldError("loss.grad_cache_chunk", f"expected >= 1, got {self.grad_cache_chunk}")
 
     @property
     def uses_gen(self) -> bool:
@@ -110,6 +141,8 @@ class TrainConfig:
             raise FieldError("model.train_layers", f"expected >= 0 (0: every layer), got {self.model.train_layers}")
         if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
             raise FieldError("optim.betas", f"expected two numbers in [0, 1), got {self.optim.betas}")
+        if self.data.pack_tokens < 0:
+            raise FieldError("data.pack_tokens", f"expected >= 0 (0: one packed sequence per micro-batch), got {self.data.pack_tokens}")
         if self.optim.epochs < 0:
             raise FieldError("optim.epochs", f"expected >= 0 (0: use max_steps), got {self.optim.epochs}")
         for name in ("checkpoint_every", "eval_every"):

@@ -70,8 +70,9 @@ def _retrieval_sum(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed retrieval loss, its count, top-1 hits and the queries they were counted over."""
     if batch.num_docs:
-        hd = last_hidden(decoder, batch.doc_input_ids, batch.doc_attention_mask)
-        d = hd[torch.arange(batch.num_docs, device=hd.device), batch.doc_ret_pos]
+        hd = last_hidden(decoder, batch.doc_input_ids, batch.doc_attention_mask, batch.doc_position_ids)
+        rows = batch.doc_ret_row if batch.doc_ret_row is not None else torch.arange(batch.num_docs, device=hd.device)
+        d = hd[rows, batch.doc_ret_pos]
         keep = d.sum() * 0.0
     else:  # a one-token forward: every rank runs the same modules (see the module docstring)
         hd = last_hidden(decoder, batch.input_ids[:1, :1], batch.attention_mask[:1, :1])
@@ -122,7 +123,7 @@ def compute_joint_loss(
         raise ValueError(f"batch was collated for mode {batch.mode!r} but the loss is configured for {cfg.mode!r}")
     lam_g, lam_r = cfg.effective_lambdas()
     decoder = decoder_of(model)
-    hq = last_hidden(decoder, batch.input_ids, batch.attention_mask)
+    hq = last_hidden(decoder, batch.input_ids, batch.attention_mask, batch.position_ids)
     zero = upcast(hq.sum()) * 0.0  # keeps the graph connected when a rank has nothing to learn from
     none = torch.zeros((), dtype=torch.long, device=hq.device)
 

@@ -256,7 +256,8 @@ def _set_up(cfg: TrainConfig) -> Run:
     engine.onegen_hf_ds_config = hf_ds
     plan = BatchPlan(sizes, cfg.optim.micro_batch_size, cfg.optim.grad_accum, world, cfg.seed)
     collators = [OneGenCollator(d.doc_rows, tokenizer.pad_token_id,
-                                CollatorConfig(mode=cfg.loss.mode, num_negatives=cfg.loss.num_negatives, seed=cfg.seed))
+                                CollatorConfig(mode=cfg.loss.mode, num_negatives=cfg.loss.num_negatives, seed=cfg.seed,
+                                               packing=cfg.data.packing, pack_tokens=cfg.data.pack_tokens))
                  for d in train_sets]
     run = Run(cfg, rank, world, engine, model, wrapped, tokenizer, tokens, train_sets, eval_sets, collators, plan, ds_cfg)
     run.resumed_from = ckpt.latest_complete(run.ckpt_root)
