@@ -71,16 +71,36 @@ def _retrieval_sum(
     """Summed retrieval loss, its count, top-1 hits and the queries they were counted over."""
     if batch.num_docs:
         hd = last_hidden(decoder, batch.doc_input_ids, batch.doc_attention_mask, batch.doc_position_ids)
-        rows = batch.doc_ret_row if batch.doc_ret_row is not None else torch.arange(batch.num_docs, device=hd.device)
-        d = hd[rows, batch.doc_ret_pos]
+        d = hd[doc_rows(batch), batch.doc_ret_pos]
         keep = d.sum() * 0.0
     else:  # a one-token forward: every rank runs the same modules (see the module docstring)
         hd = last_hidden(decoder, batch.input_ids[:1, :1], batch.attention_mask[:1, :1])
         d = hd.new_zeros(0, hd.shape[-1])
         keep = hd.sum() * 0.0
-    q = F.normalize(upcast(hq[batch.q_ret_row, batch.q_ret_pos]), dim=-1)
+    ret_sum, n_ret, hits, n_acc = retrieval_from_vectors(hq[batch.q_ret_row, batch.q_ret_pos], d, batch, cfg,
+                                                         world_size, group)
+    return ret_sum + keep, n_ret, hits, n_acc
+
+
+def doc_rows(batch: Batch) -> torch.Tensor:
+    """The row of each document's RET state in the doc micro-batch (packed: several docs per row)."""
+    if batch.doc_ret_row is not None:
+        return batch.doc_ret_row
+    return torch.arange(batch.num_docs, device=batch.doc_ret_pos.device)
+
+
+def retrieval_from_vectors(
+    q: torch.Tensor, d: torch.Tensor, batch: Batch, cfg: LossConfig, world_size: int, group: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The retrieval loss of this rank's query RET states ``q`` ``[R, H]`` against the doc RET states ``d``
+    ``[D, H]`` (raw, normalised here): summed loss, its count, top-1 hits and the queries counted.
+
+    The loss depends on the model only through ``q`` and ``d``: gradient caching (``pipeline.grad_cache``)
+    calls this on cached vectors and back-propagates their gradients chunk by chunk.
+    """
+    q = F.normalize(upcast(q), dim=-1)
     d = F.normalize(upcast(d), dim=-1)
-    n_q = torch.tensor(q.shape[0], device=hq.device)
+    n_q = torch.tensor(q.shape[0], device=q.device)
     if cfg.ret_loss == "infonce":
         if world_size > 1:
             cand, cand_hash, offset = _gather_docs(d, batch.doc_hash, world_size, group)
@@ -88,12 +108,12 @@ def _retrieval_sum(
             cand, cand_hash, offset = d, batch.doc_hash, 0
         ret_sum, n_ret, hits = infonce_loss(q, batch.q_pos_doc + offset, cand, cand_hash, batch.q_pos_hash,
                                             cfg.temperature)
-        return ret_sum + cand.sum() * 0.0 + keep, n_ret, hits, n_ret
+        return ret_sum + cand.sum() * 0.0 + q.sum() * 0.0, n_ret, hits, n_ret
     ret_sum, n_ret = bpr_loss(q, d[batch.q_pos_doc], d[batch.q_neg_doc.clamp(min=0)], batch.q_neg_mask)
     with torch.no_grad():
         logits = infonce_logits(q, batch.q_pos_doc, d, batch.doc_hash, batch.q_pos_hash, 1.0)
         hits = top1_hits(logits, batch.q_pos_doc)
-    return ret_sum + d.sum() * 0.0 + keep, n_ret, hits, n_q
+    return ret_sum + d.sum() * 0.0 + q.sum() * 0.0, n_ret, hits, n_q
 
 
 def compute_joint_loss(
@@ -131,11 +151,7 @@ def compute_joint_loss(
                       else (zero, none))
     ret_sum, n_ret, hits, n_acc = (_retrieval_sum(decoder, hq, batch, cfg, world_size, group) if cfg.uses_ret
                                    else (zero, none, none, none))
-    local = torch.stack([gen_sum.detach().double(), n_gen.double(), ret_sum.detach().double(), n_ret.double(),
-                         hits.double(), n_acc.double()])
-    if world_size > 1:
-        collectives.all_reduce_(local, group=group)
-    g = dict(zip(("gen_sum", "n_gen", "ret_sum", "n_ret", "hits", "n_acc"), local.tolist()))
+    g = global_sums([gen_sum, n_gen, ret_sum, n_ret, hits, n_acc], world_size, group)
     norm_gen, norm_ret = totals if totals is not None else (g["n_gen"], g["n_ret"])
 
     loss = zero + ret_sum * 0.0  # the doc forward stays in the graph even with λr = 0 (ZeRO-3 hooks)
@@ -144,6 +160,17 @@ def compute_joint_loss(
     if lam_r:
         loss = loss + lam_r * ret_sum * (world_size / max(norm_ret, 1.0))
     return loss, summarize(g, cfg)
+
+
+STAT_KEYS = ("gen_sum", "n_gen", "ret_sum", "n_ret", "hits", "n_acc")
+
+
+def global_sums(values: list[torch.Tensor], world_size: int, group: Any = None) -> dict[str, float]:
+    """This rank's ``STAT_KEYS`` values (0-d tensors), summed over every rank, as floats (one all-reduce)."""
+    local = torch.stack([v.detach().double() for v in values])
+    if world_size > 1:
+        collectives.all_reduce_(local, group=group)
+    return dict(zip(STAT_KEYS, local.tolist()))
 
 
 def summarize(g: dict[str, float], cfg: LossConfig) -> dict[str, float]:
@@ -158,5 +185,4 @@ def summarize(g: dict[str, float], cfg: LossConfig) -> dict[str, float]:
 def merge_stats(parts: list[dict[str, float]], cfg: LossConfig) -> dict[str, float]:
     """One step's statistics from its micro-batches': the means over all their tokens, weighted as the
     loss is when it is normalised by the step's totals."""
-    keys = ("gen_sum", "n_gen", "ret_sum", "n_ret", "hits", "n_acc")
-    return summarize({k: float(sum(p[k] for p in parts)) for k in keys}, cfg)
+    return summarize({k: float(sum(p[k] for p in parts)) for k in STAT_KEYS}, cfg)

@@ -17,6 +17,7 @@ import onegen.distributed as collectives
 from pipeline.collator import Batch
 from pipeline.config import LossConfig
 from pipeline.forward import loss_counts, merge_stats
+from pipeline.grad_cache import cached_micro_batch
 
 Collate = Callable[[int, int, list[int]], Batch]  # (epoch, dataset index, row indices) -> Batch
 
@@ -27,14 +28,21 @@ def accumulate(engine: Any, stats_of: Callable[[], dict], units: Sequence[tuple[
 
     ``stats_of`` reads the statistics of the last forward (``OneGenTrainModule.last_stats``).
     ``engine.step()`` is called after each backward, as DeepSpeed expects; it updates the weights
-    only at the accumulation boundary.
+    only at the accumulation boundary, which is set here: the last backward of the step (with gradient
+    caching a micro-batch is several engine forwards and backwards, ``pipeline.grad_cache``).
     """
+    world_size = collectives.world_size()
     batches = [collate(epoch, d_idx, rows) for epoch, d_idx, rows in units]
     counts = [loss_counts(b, loss_cfg) for b in batches]
     local = [sum(c[0] for c in counts), sum(c[1] for c in counts), sum(b.num_tokens() for b in batches)]
     n_gen, n_ret, n_tokens = collectives.sum_across_ranks(local, device)
     parts = []
-    for batch in batches:
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        if loss_cfg.grad_cache and loss_cfg.uses_ret:
+            parts.append(cached_micro_batch(engine, batch.to(device), loss_cfg, (n_gen, n_ret), world_size, last, device))
+            continue
+        engine.set_gradient_accumulation_boundary(last)  # the step's micro-batches, not a count in the config
         loss = engine(batch.to(device), totals=(n_gen, n_ret))
         parts.append(stats_of())
         engine.backward(loss, scale_wrt_gas=False)  # already normalised by the whole step's counts
