@@ -25,6 +25,7 @@ Collate = Callable[[int, int, list[int]], Batch]  # (epoch, dataset index, row i
 def accumulate(engine: Any, stats_of: Callable[[], dict], units: Sequence[tuple[int, int, list[int]]],
                collate: Collate, loss_cfg: LossConfig, device: torch.device) -> tuple[dict, float]:
     """Forward and backward every micro-batch of one step; returns (step statistics, global tokens).
+    The statistics hold ``pad_frac``: the fraction of the fed positions that were padding.
 
     ``stats_of`` reads the statistics of the last forward (``OneGenTrainModule.last_stats``).
     ``engine.step()`` is called after each backward, as DeepSpeed expects; it updates the weights
@@ -34,8 +35,9 @@ def accumulate(engine: Any, stats_of: Callable[[], dict], units: Sequence[tuple[
     world_size = collectives.world_size()
     batches = [collate(epoch, d_idx, rows) for epoch, d_idx, rows in units]
     counts = [loss_counts(b, loss_cfg) for b in batches]
-    local = [sum(c[0] for c in counts), sum(c[1] for c in counts), sum(b.num_tokens() for b in batches)]
-    n_gen, n_ret, n_tokens = collectives.sum_across_ranks(local, device)
+    slots = sum(b.input_ids.numel() + b.doc_input_ids.numel() for b in batches)  # tokens and padding fed
+    local = [sum(c[0] for c in counts), sum(c[1] for c in counts), sum(b.num_tokens() for b in batches), slots]
+    n_gen, n_ret, n_tokens, n_slots = collectives.sum_across_ranks(local, device)
     parts = []
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
@@ -47,4 +49,6 @@ def accumulate(engine: Any, stats_of: Callable[[], dict], units: Sequence[tuple[
         parts.append(stats_of())
         engine.backward(loss, scale_wrt_gas=False)  # already normalised by the whole step's counts
         engine.step()
-    return merge_stats(parts, loss_cfg), n_tokens
+    stats = merge_stats(parts, loss_cfg)
+    stats["pad_frac"] = 1.0 - n_tokens / max(n_slots, 1.0)
+    return stats, n_tokens

@@ -101,6 +101,22 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def memory_mb(reset_peak: bool = False) -> float:
+    """Memory in use now: allocated accelerator memory on GPU (``reset_peak``: the GPU's peak starts
+    again from here); resident memory of this process on CPU."""
+    # lazy: see module docstring
+    import torch
+
+    if torch.cuda.is_available():
+        if reset_peak:
+            torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):  # no /proc (not Linux): the peak alone is logged
+        return 0.0
+
+
 class StopFlag:
     """Set by SIGUSR1 (SLURM's warning before the time limit) or SIGTERM: checkpoint, then exit."""
 
@@ -135,6 +151,7 @@ class Run:
     units: int = 0
     resumed_from: Path | None = None
     last_stats: dict = field(default_factory=dict)
+    mem_start_mb: float = 0.0  # memory_mb() when the steps began: step_mem_mb is the steps' peak above it
 
     @property
     def is_main(self) -> bool:
@@ -321,6 +338,7 @@ def _loop(run: Run) -> bool:
                dynamic_ncols=True)
     try:
         engine.train()
+        run.mem_start_mb = memory_mb(reset_peak=True)
         while run.step < cfg.optim.max_steps:
             t0 = time.time()
             stats, n_tokens = accumulate(engine, lambda: run.wrapped.last_stats, run.plan.step_units(run.units, run.rank),
@@ -354,9 +372,10 @@ def _client_state(run: Run) -> dict:
 
 
 def _step_metrics(run: Run, stats: dict, n_tokens: float, seconds: float) -> dict:
-    metrics = {k: stats[k] for k in ("loss", "loss_gen", "loss_ret", "ret_acc")}
+    metrics = {k: stats[k] for k in ("loss", "loss_gen", "loss_ret", "ret_acc", "pad_frac") if k in stats}
     metrics.update(lr=run.engine.get_lr()[0], tokens_per_s=n_tokens / seconds, step_s=seconds,
                    epoch=run.units / run.plan.units_per_epoch, peak_mem_mb=peak_memory_mb())
+    metrics["step_mem_mb"] = metrics["peak_mem_mb"] - run.mem_start_mb  # activations and gradients, mostly
     gn = run.engine.get_global_grad_norm()
     if gn is not None:
         metrics["grad_norm"] = float(gn)
