@@ -4,6 +4,7 @@ run's throughput and model FLOPs utilisation (MFU).
     python bench/gpu_smoke.py stack [--require-cuda] [--require-flash]
     python bench/gpu_smoke.py params --config configs/tiny-cpu.yaml model.architecture=qwen2 ...
     python bench/gpu_smoke.py report --out runs/smoke/train [--skip 2] [--gpus 1] [--gpu-name "NVIDIA H100"]
+    python bench/gpu_smoke.py compare --base runs/smoke/train --other runs/smoke/train-packed --label packed
 
 MFU = 6 x N x tokens/s / (GPUs x peak bf16 dense FLOP/s), N = non-embedding parameters + the LM head
 (its matmul costs FLOPs even when its weights are tied to the embedding; the embedding lookup does
@@ -213,6 +214,23 @@ def cmd_report(ns: argparse.Namespace) -> int:
     return 0
 
 
+def compare(base: dict, other: dict) -> dict:
+    """Ratios other / base of two runs' ``summarize``: throughput, step time, tokens per step, peak memory."""
+    keys = ("tokens_per_s", "step_s_mean", "tokens_per_step", "peak_mem_mb")
+    return {k: other[k] / base[k] if base[k] else float("nan") for k in keys}
+
+
+def cmd_compare(ns: argparse.Namespace) -> int:
+    base, other = (summarize(read_steps(Path(p)), ns.skip) for p in (ns.base, ns.other))
+    r = compare(base, other)
+    pad = [statistics.median(float(x["pad_frac"]) for x in read_steps(Path(p))[ns.skip:] if "pad_frac" in x)
+           if any("pad_frac" in x for x in read_steps(Path(p))) else float("nan") for p in (ns.base, ns.other)]
+    print(f"[smoke] {ns.label} vs base: tokens/s {r['tokens_per_s']:.2f}x · step time {r['step_s_mean']:.2f}x · "
+          f"tokens/step {r['tokens_per_step']:.2f}x · peak memory {r['peak_mem_mb']:.2f}x · padding {pad[0]:.2f} -> {pad[1]:.2f}")
+    print("[smoke] json " + json.dumps({"label": ns.label, "ratios": r, "pad_frac": pad}))
+    return 0 if all(math.isfinite(v) for v in r.values()) else 1
+
+
 def cmd_params(ns: argparse.Namespace) -> int:
     # lazy: see module docstring
     from onegen.config import load_config, to_dict
@@ -343,6 +361,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log", default=None, help="the run's stdout, to show which attention it used")
     p.add_argument("--require-flash", action="store_true", help="exit 1 unless the run used flash_attention_2")
     p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("compare", help="one run against another: tokens/s, step time, memory, padding (ratios)",
+                       allow_abbrev=False)
+    p.add_argument("--base", required=True, help="the reference run's output_dir")
+    p.add_argument("--other", required=True, help="the run compared with it")
+    p.add_argument("--label", default="other", help="what the other run changes (printed)")
+    p.add_argument("--skip", type=int, default=2, help="warm-up steps left out of the timing (default 2)")
+    p.set_defaults(fn=cmd_compare)
     ns = parser.parse_args(argv)
     try:
         return ns.fn(ns)

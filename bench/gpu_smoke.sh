@@ -21,7 +21,10 @@
 #   4. SMOKE_STEPS (8) bf16 ZeRO-3 steps of a model of Qwen2-1.5B's shape built from a config (random
 #      weights, 1.54B parameters), attention auto (flash-attn when it loads), gradient checkpointing,
 #      through the real trainer (pipeline/train.py);
-#   5. its tokens/s, step time and peak memory (the first 2 steps are warm-up) and the MFU.
+#   5. its tokens/s, step time and peak memory (the first 2 steps are warm-up) and the MFU;
+#   6. the same steps with data.packing=true (varlen flash-attn): tokens/s, step time, memory and padding
+#      against step 4 (the varlen gain);
+#   7. 3 steps of the same model with LoRA (model.lora) and gradient caching (loss.grad_cache).
 #
 # Environment: PYTHON, SMOKE_DIR (default a new temporary dir), SMOKE_KEEP=1 (keep the 1.5B
 # checkpoint, ~20 GB with its optimizer state; by default it is deleted), SMOKE_STEPS (8), SMOKE_MICRO_BATCH (8),
@@ -99,7 +102,19 @@ if step world 300 "$py" -m data_prep world --out "$world" --train-questions 160 
     report_args=(report --out "$out" --skip 2 --log "$work/train.log")
     if [ -n "${SMOKE_REQUIRE_FLASH:-}" ]; then report_args+=(--require-flash); fi
     step report 120 "$py" bench/gpu_smoke.py "${report_args[@]}" || true
+    # 6. The same steps packed (data.packing: flash-attn's varlen path when it loads): the padding saved.
+    if step train-packed "${SMOKE_TRAIN_TIMEOUT:-600}" "$py" pipeline/train.py "${train_args[@]}" \
+        "output_dir=$out-packed" data.packing=true; then
+      step packed-vs-padded 120 "$py" bench/gpu_smoke.py compare --base "$out" --other "$out-packed" --label packed || true
+    fi
+    rm -rf "$out-packed/checkpoints"
   fi
+  # 7. LoRA with gradient caching, 3 bf16 steps of the same shape: both paths run on the GPU.
+  if step train-lora-gradcache "${SMOKE_TRAIN_TIMEOUT:-600}" "$py" pipeline/train.py "${train_args[@]}" \
+      "output_dir=$out-lora" optim.max_steps=3 model.lora.enabled=true loss.grad_cache=true loss.grad_cache_chunk=2; then
+    step lora-report 120 "$py" bench/gpu_smoke.py report --out "$out-lora" --skip 1 || true
+  fi
+  rm -rf "$out-lora/checkpoints"
   if [ -z "${SMOKE_KEEP:-}" ]; then
     rm -rf "$out/checkpoints"  # the 1.5B ZeRO checkpoint with optimizer state: ~20 GB
   fi

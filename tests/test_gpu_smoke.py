@@ -52,6 +52,7 @@ def test_smoke_script_runs_the_documented_steps():
                      "model.dtype=bf16", "model.tie_word_embeddings=true", "model.gradient_checkpointing=true",
                      "optim.warmup_steps=0", "export=false", "data.eval=[]"):
         assert override in text, override
+    assert "data.packing=true" in text and "model.lora.enabled=true" in text and "loss.grad_cache=true" in text
     assert 'say "PASS' in text and 'say "FAIL' in text  # the last line a person reads
     assert "from tests" not in (ROOT / "bench" / "gpu_smoke.py").read_text()  # a bench never imports tests
 
@@ -134,6 +135,21 @@ def test_report_of_a_finished_run(tmp_path, capsys):
     assert smoke.main(["report", "--out", str(out), "--log", str(log), "--gpu-name", "Tesla T4", "--require-flash"]) == 1
     assert smoke.main(["report", "--out", str(out), "--skip", "4"]) == 2  # nothing left to time
     assert "nothing left after skipping 4" in capsys.readouterr().err
+
+
+def test_compare_of_a_packed_run_with_a_padded_one(tmp_path, capsys):
+    """Step 6's line: the packed run's ratios to the padded one (after the warm-up steps)."""
+    for name, tps, pad in (("padded", 1000.0, 0.4), ("packed", 1500.0, 0.0)):
+        (tmp_path / name).mkdir()
+        rows = [{"step": i, "loss": 1.0, "tokens_per_s": tps, "step_s": 2.0, "peak_mem_mb": 100.0 * (2 if name == "padded" else 1),
+                 "pad_frac": pad} for i in range(1, 5)]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert smoke.main(["compare", "--base", str(tmp_path / "padded"), "--other", str(tmp_path / "packed"),
+                       "--label", "packed"]) == 0
+    text = capsys.readouterr().out
+    facts = json.loads(text.split("[smoke] json ", 1)[1].splitlines()[0])
+    assert facts["ratios"]["tokens_per_s"] == pytest.approx(1.5) and facts["ratios"]["peak_mem_mb"] == pytest.approx(0.5)
+    assert facts["pad_frac"] == [0.4, 0.0] and "packed vs base: tokens/s 1.50x" in text
 
 
 def test_params_command_reads_the_recipe_and_overrides(capsys):
