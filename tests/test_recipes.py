@@ -70,11 +70,13 @@ REFERENCE = {
     "qwen2-1.5b-el.yaml": ("Qwen/Qwen2-1.5B-Instruct", EL),
 }
 GPU_RECIPES = sorted(REFERENCE)
+# LoRA variants for one 48 GB GPU (issue #15) -> the full fine-tuning recipe whose data, loss and global batch they keep
+LORA_RECIPES = {"qwen2-1.5b-lora.yaml": "qwen2-1.5b-multihop.yaml", "llama2-7b-lora.yaml": "llama2-7b-multihop.yaml"}
 
 
 def test_every_gpu_recipe_is_in_the_reference_table():
     """A new GPU recipe must say which reference setting it follows (and the Qwen2-7B multi-hop one exists)."""
-    on_disk = {p.name for p in RECIPES} - CPU_RECIPES
+    on_disk = {p.name for p in RECIPES} - CPU_RECIPES - set(LORA_RECIPES)
     assert on_disk == set(REFERENCE), f"recipes without a reference row: {on_disk ^ set(REFERENCE)}"
     assert (ROOT / "configs" / "qwen2-7b-multihop.yaml").is_file()
 
@@ -94,6 +96,17 @@ def test_gpu_recipe_follows_the_reference(name):
     assert cfg.deepspeed == "ds_configs/zero3.json"
     zero = json.loads((ROOT / cfg.deepspeed).read_text())["zero_optimization"]
     assert zero["stage"] == 3 and not {"offload_optimizer", "offload_param"} & set(zero)
+
+
+@pytest.mark.parametrize("name", sorted(LORA_RECIPES))
+def test_lora_recipe_keeps_its_full_recipe_and_states_its_memory(name):
+    lora, full = (load_config(TrainConfig, ROOT / "configs" / n) for n in (name, LORA_RECIPES[name]))
+    assert lora.model.lora.enabled and not full.model.lora.enabled and lora.model.train_layers == 0
+    assert (lora.model.source, lora.model.dtype, lora.data, lora.loss) == (full.model.source, "bf16", full.data, full.loss)
+    assert lora.optim.micro_batch_size * lora.optim.grad_accum == full.optim.micro_batch_size * full.optim.grad_accum * GPUS
+    assert lora.optim.epochs == full.optim.epochs
+    text = (ROOT / "configs" / name).read_text()
+    assert re.search(r"Expected GPU memory, about \d+ GB of 48", text) and "--num_gpus 1" in text
 
 
 @pytest.mark.parametrize("name", GPU_RECIPES)
@@ -129,6 +142,6 @@ def test_every_recipe_is_in_the_readme_table():
         row = [r for r in rows if f"`{p.name}`" in r]
         assert row, f"configs/README.md has no table row for {p.name}"
         if p.name not in CPU_RECIPES:  # recipe -> model -> paper row -> data -> batch -> GPU-hours
-            source, ref = REFERENCE[p.name]
+            source, ref = REFERENCE[LORA_RECIPES.get(p.name, p.name)]
             assert source in row[0] and str(ref["global_batch"]) in row[0]
             assert re.search(r"\d+(\.\d+)? / \d+(\.\d+)?", row[0].split("|")[-2]), f"no GPU-hours in {row[0]}"
