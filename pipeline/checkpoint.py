@@ -7,6 +7,9 @@ after every rank has written and fsynced its files (a barrier). A directory with
 ``remove_incomplete``). ``latest`` (read by DeepSpeed's ``zero_to_fp32.py``) names the newest
 complete checkpoint only.
 
+A model with frozen weights (LoRA) saves only what trains (``has_frozen``): DeepSpeed's
+``exclude_frozen_parameters``, loaded back by ``load_trainable``.
+
 Loading never unpickles arbitrary objects: DeepSpeed calls ``torch.load(weights_only=False)``; we swap
 its checkpoint engine's ``load`` for ``safe_load`` (``weights_only=True`` plus the few DeepSpeed
 classes its optimizer state holds), so a tampered checkpoint is refused instead of running code.
@@ -73,7 +76,8 @@ def save(engine, ckpt_root: str | Path, step: int, client_state: dict, keep: int
     client_state = dict(client_state, **rng_state())
     try:
         # save_latest=False: DeepSpeed would point `latest` at this tag before it is complete
-        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=has_frozen(engine.module))
         _fsync_tree(root / tag)  # COMPLETE must not reach the disk before the data (a node crash, not just a kill)
         if dist.is_initialized():
             dist.barrier()
@@ -161,7 +165,8 @@ def load(engine, path: Path) -> dict:
     engine.checkpoint_engine.load = safe_load  # every file DeepSpeed reads on resume goes through it
     try:
         _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
-                                                 load_optimizer_states=True, load_lr_scheduler_states=True)
+                                                 load_optimizer_states=True, load_lr_scheduler_states=True,
+                                                 custom_load_fn=load_trainable if has_frozen(engine.module) else None)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         raise OneGenError(f"checkpoint {path} holds a pickled object that is not plain data "
@@ -171,6 +176,24 @@ def load(engine, path: Path) -> dict:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
     restore_rng(client_state)
     return client_state
+
+
+def has_frozen(module: torch.nn.Module) -> bool:
+    """A model with frozen weights (LoRA, ``model.train_layers``) is checkpointed without them: the
+    frozen weights are rebuilt from the recipe on resume (``pipeline.model.build_model``), and only what
+    trains, with its optimizer state, is saved."""
+    return any(not p.requires_grad for p in module.parameters())
+
+
+def load_trainable(src: dict, dst: torch.nn.Module) -> None:
+    """DeepSpeed's module load for a checkpoint saved without its frozen weights: every key must be
+    present but those of frozen parameters, and no key may be unknown."""
+    result = dst.load_state_dict(src, strict=False)
+    frozen = {n for n, p in dst.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    missing = sorted(set(result.missing_keys) - frozen)
+    if missing or result.unexpected_keys:
+        raise OneGenError(f"the checkpoint does not fit this model: missing trained weights {missing[:5]}, "
+                          f"unknown keys {sorted(result.unexpected_keys)[:5]}")
 
 
 def rng_state() -> dict:

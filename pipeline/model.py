@@ -28,6 +28,7 @@ from onegen.hidden import decoder_of
 from onegen.tokens import SpecialTokens, base_vocab_size
 from pipeline.config import ModelConfig
 from pipeline.data import check_model_tokenizer
+from pipeline.lora import add_lora, check_lora
 
 log = logging.getLogger("onegen.model")
 
@@ -131,17 +132,20 @@ def build_model(cfg: ModelConfig, tokenizer: Any, *, seed: int, init_new_tokens:
     from transformers import AutoModelForCausalLM
     from transformers.integrations import is_deepspeed_zero3_enabled  # lazy: as above
 
+    check_lora(cfg)
     dtype = choose_dtype(cfg.dtype)
     attn, why = choose_attention(cfg.attn_implementation, dtype)
     source = resolve_source(cfg)
     torch.manual_seed(seed)
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in (init_new_tokens.all_tokens() if init_new_tokens else [])]
+    old_vocab = len(tokenizer)
     if source is None:
         config = tiny_config(cfg, max(cfg.vocab_size, len(tokenizer)), tokenizer)
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
         # Every row exists from birth; the special tokens still get the description-mean start.
-        ids = [tokenizer.convert_tokens_to_ids(t) for t in (init_new_tokens.all_tokens() if init_new_tokens else [])]
         if init_new_tokens is not None and ids:
-            init_special_rows(model, tokenizer, init_new_tokens, old_vocab=min(ids))
+            old_vocab = min(ids)
+            init_special_rows(model, tokenizer, init_new_tokens, old_vocab=old_vocab)
     else:
         if Path(source).is_dir():  # before loading any weights: the data's ids must be this model's ids
             check_model_tokenizer(source, tokenizer, init_new_tokens)
@@ -154,7 +158,8 @@ def build_model(cfg: ModelConfig, tokenizer: Any, *, seed: int, init_new_tokens:
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         if init_new_tokens is not None:
             # "new" by the tokenizer, not the matrix: Qwen2's padded matrix already has rows for them
-            init_special_rows(model, tokenizer, init_new_tokens, base_vocab_size(tokenizer, init_new_tokens))
+            old_vocab = base_vocab_size(tokenizer, init_new_tokens)
+            init_special_rows(model, tokenizer, init_new_tokens, old_vocab)
     if cfg.train_layers:
         freeze_below(model, cfg.train_layers)
     if cfg.gradient_checkpointing:
@@ -162,6 +167,8 @@ def build_model(cfg: ModelConfig, tokenizer: Any, *, seed: int, init_new_tokens:
         model.config.use_cache = False
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.lora.enabled:
+        model = add_lora(model, cfg.lora, sorted({i for i in ids if i is not None and i >= old_vocab}), seed)
     log.info("model %s: attention=%s (%s) dtype=%s", cfg.source, attn, why, dtype)
     model.onegen_attention = attn
     model.onegen_attention_why = why
