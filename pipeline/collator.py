@@ -4,7 +4,8 @@ Roles are the single source of truth (design §1): CE targets come from
 ``onegen.roles.next_token_targets``; RET positions are where ``roles == RET``. Both micro-batches are
 right-padded *dynamically* to their own longest row (rounded up to ``pad_to_multiple_of``), never
 to a global maximum length. Query and document rows are separate forwards because their lengths
-differ a lot.
+differ a lot. With ``packing`` the padded micro-batches are then packed into a few long sequences
+(``pipeline.packing``).
 
 Modes (paper Table 8):
 
@@ -32,6 +33,7 @@ from onegen.padding import pad_rows
 from onegen.roles import IGNORE_INDEX, RET, next_token_targets
 from pipeline.config import MODES
 from pipeline.negatives import pick_negatives
+from pipeline.packing import pack_batch
 
 DocsLookup = Callable[[list[str]], list[dict[str, Any]]]
 
@@ -107,6 +109,11 @@ class Batch:
         """Real (non-pad) tokens fed through the model: query and doc micro-batches."""
         return int(self.attention_mask.sum()) + int(self.doc_attention_mask.sum())
 
+    def padding_fraction(self) -> float:
+        """Pad tokens over all tokens of the query and doc tensors (what padding or packing wastes)."""
+        total = self.input_ids.numel() + self.doc_input_ids.numel()
+        return 1.0 - self.num_tokens() / total if total else 0.0
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         kw = {}
         for f in fields(self):
@@ -161,7 +168,7 @@ class OneGenCollator:
         for j, (*_, negs) in enumerate(rets):
             q_neg_doc[j, : len(negs)] = torch.tensor([index[n] for n in negs], dtype=torch.long)
 
-        return Batch(
+        batch = Batch(
             mode=cfg.mode,
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -181,6 +188,7 @@ class OneGenCollator:
             q_pos_ids=[r[2] for r in rets],
             q_neg_ids=[r[3] for r in rets],
         )
+        return pack_batch(batch, cfg.pack_tokens, self.pad_id, cfg.pad_to_multiple_of) if cfg.packing else batch
 
     def _query_rets(self, query_rows: list[dict[str, Any]], roles: list[np.ndarray],
                     epoch: int) -> list[tuple[int, int, str, list[str]]]:
