@@ -18,9 +18,16 @@ from typing import TYPE_CHECKING
 import torch
 
 from onegen.roles import IGNORE_INDEX
+from pipeline.config import DENSE_PACK_SCALE
 
 if TYPE_CHECKING:  # the collator imports this module
     from pipeline.collator import Batch
+
+
+def pack_scale(attention: str) -> float:
+    """``data.pack_tokens`` 0: one packed sequence with flash-attn's varlen path (0.0), else bins of
+    ``DENSE_PACK_SCALE`` × the longest row (sdpa/eager build a dense mask: cost grows with length²)."""
+    return 0.0 if attention == "flash_attention_2" else DENSE_PACK_SCALE
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -43,15 +50,17 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 
 def pack_rows(
     ids: torch.Tensor, mask: torch.Tensor, pack_tokens: int, pad_id: int, multiple: int | None = None,
-    targets: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None, scale: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Packs right-padded rows ``[N, L]``. Returns ``(ids, mask, position_ids, targets, row_bin, row_offset)``:
     the packed ``[P, Lp]`` tensors (``targets`` relocated with their tokens, None if not given) and, per
     input row, its bin and the position of its first token there. A bin holds at most
     ``max(pack_tokens, longest row)`` tokens (0: one bin for all rows): a longer cap would not widen
     ``Lp``, which is at least the longest row, and fewer bins are less padding. ``Lp`` is rounded up
-    to ``multiple``."""
+    to ``multiple``. ``scale`` > 0 (with ``pack_tokens`` 0): bins of ``scale`` × the longest row."""
     lengths = [int(n) for n in mask.sum(1).tolist()]
+    if not pack_tokens and scale > 0:
+        pack_tokens = int(scale * max(lengths, default=0))
     capacity = max(pack_tokens, max(lengths, default=0)) if pack_tokens else max(sum(lengths), 1)
     bins = first_fit_decreasing(lengths, capacity)
     width = max((sum(lengths[i] for i in b) for b in bins), default=0)
@@ -78,15 +87,17 @@ def pack_rows(
     return out_ids, out_mask, positions, out_tgt, row_bin, row_offset
 
 
-def pack_batch(batch: Batch, pack_tokens: int, pad_id: int = 0, multiple: int | None = None) -> Batch:
-    """The same batch with its query rows and, separately, its document rows packed (``pack_rows``).
-    RET indices are remapped; everything else keeps its meaning (counts, doc order, hashes)."""
+def pack_batch(batch: Batch, pack_tokens: int, pad_id: int = 0, multiple: int | None = None,
+               scale: float = 0.0) -> Batch:
+    """The same batch with its query rows and, separately, its document rows packed (``pack_rows``;
+    ``scale``: each side's bins hold ``scale`` × its longest row). RET indices are remapped; everything
+    else keeps its meaning (counts, doc order, hashes)."""
     if batch.position_ids is not None:
         raise ValueError("batch is already packed")
     ids, mask, pos, tgt, q_bin, q_off = pack_rows(batch.input_ids, batch.attention_mask, pack_tokens, pad_id,
-                                                  multiple, batch.gen_targets)
+                                                  multiple, batch.gen_targets, scale)
     d_ids, d_mask, d_pos, _, d_bin, d_off = pack_rows(batch.doc_input_ids, batch.doc_attention_mask, pack_tokens,
-                                                      pad_id, multiple)
+                                                      pad_id, multiple, scale=scale)
     return replace(
         batch,
         input_ids=ids,

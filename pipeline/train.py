@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import resource
 import signal
 import socket
 import sys
@@ -55,7 +54,9 @@ from onegen.runlock import DirLock
 from onegen.tokens import SpecialTokens, tokenizer_fingerprint
 from pipeline.config import TrainConfig
 from pipeline.ds_config import fill_auto, load_ds_config, zero_stage
+from pipeline.memory import memory_mb, peak_memory_mb
 from pipeline.orphans import start_watchdog
+from pipeline.packing import pack_scale
 from pipeline.plan import BatchPlan, units_per_epoch
 from pipeline.tracking import Tracker, plot_curves, read_local_metrics, truncate_local_metrics
 
@@ -89,32 +90,6 @@ def setup_distributed() -> tuple[int, int, int]:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     return rank, world, local_rank
-
-
-def peak_memory_mb() -> float:
-    """Peak accelerator memory on GPU; peak resident memory of this process on CPU."""
-    # lazy: see module docstring
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def memory_mb(reset_peak: bool = False) -> float:
-    """Memory in use now: allocated accelerator memory on GPU (``reset_peak``: the GPU's peak starts
-    again from here); resident memory of this process on CPU."""
-    # lazy: see module docstring
-    import torch
-
-    if torch.cuda.is_available():
-        if reset_peak:
-            torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated() / 2**20
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError):  # no /proc (not Linux): the peak alone is logged
-        return 0.0
 
 
 class StopFlag:
@@ -274,7 +249,8 @@ def _set_up(cfg: TrainConfig) -> Run:
     plan = BatchPlan(sizes, cfg.optim.micro_batch_size, cfg.optim.grad_accum, world, cfg.seed)
     collators = [OneGenCollator(d.doc_rows, tokenizer.pad_token_id,
                                 CollatorConfig(mode=cfg.loss.mode, num_negatives=cfg.loss.num_negatives, seed=cfg.seed,
-                                               packing=cfg.data.packing, pack_tokens=cfg.data.pack_tokens))
+                                               packing=cfg.data.packing, pack_tokens=cfg.data.pack_tokens,
+                                               pack_scale=pack_scale(model.onegen_attention)))
                  for d in train_sets]
     run = Run(cfg, rank, world, engine, model, wrapped, tokenizer, tokens, train_sets, eval_sets, collators, plan, ds_cfg)
     run.resumed_from = ckpt.latest_complete(run.ckpt_root)

@@ -18,7 +18,7 @@ from onegen.roles import IGNORE_INDEX
 from pipeline.collator import Batch, CollatorConfig, OneGenCollator
 from pipeline.config import LossConfig
 from pipeline.forward import compute_joint_loss
-from pipeline.packing import first_fit_decreasing, pack_batch, pack_rows
+from pipeline.packing import first_fit_decreasing, pack_batch, pack_rows, pack_scale
 from tests.test_grad_equality import DOCS, PAD, RD, ROWS, RQ, rel_diff
 
 MODES = ("onegen", "git", "rit", "grit")
@@ -161,6 +161,19 @@ def test_bins_respect_capacity_and_keep_every_row():
     p_ids, p_mask, _, _, row_bin, _ = pack_rows(ids, mask, 40, PAD)
     assert int((row_bin == row_bin[0]).sum()) == 1 and sorted(p_mask.sum(1).tolist()) == [25, 46, 50, 50]
     assert pack_rows(ids, mask, 0, PAD)[0].shape == (1, sum(lengths))
+
+
+def test_automatic_bins_follow_the_attention_kernel():
+    """data.pack_tokens 0: one sequence under flash-attn (varlen), else bins of 1.5x the longest row."""
+    assert pack_scale("flash_attention_2") == 0.0 and pack_scale("sdpa") == pack_scale("eager") == 1.5
+    lengths = [50, 30, 20, 12, 10]
+    ids = torch.full((5, 50), PAD)
+    mask = torch.zeros((5, 50), dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n], mask[i, :n] = 7, 1
+    widths = pack_rows(ids, mask, 0, PAD, scale=1.5)[1].sum(1).tolist()
+    assert max(widths) <= 75 and sum(widths) == sum(lengths) and len(widths) == 2  # 50+20 | 30+12+10
+    assert pack_rows(ids, mask, 0, PAD)[0].shape[0] == 1  # no scale: one sequence
 
 
 def test_no_docs_packs_to_empty_doc_tensors():
