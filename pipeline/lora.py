@@ -29,7 +29,6 @@ from pipeline.config import LoraConfig, ModelConfig
 
 ADAPTER = "default"  # peft's adapter name: the keys' ".default." part
 PEFT_PREFIX = "base_model.model."  # what PeftModel adds before the base model's own parameter names
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 class NewTokenEmbedding(torch.nn.Module):
@@ -45,8 +44,9 @@ class NewTokenEmbedding(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self.base(input_ids)
-        pos = torch.searchsorted(self.ids, input_ids).clamp_(max=len(self.ids) - 1)
-        hit = (self.ids[pos] == input_ids).unsqueeze(-1).to(out.dtype)
+        ids = self.ids.to(input_ids.device)  # ZeRO-3 places parameters itself, not buffers: no-op once there
+        pos = torch.searchsorted(ids, input_ids).clamp_(max=len(ids) - 1)
+        hit = (ids[pos] == input_ids).unsqueeze(-1).to(out.dtype)
         return out + self.delta[pos].to(out.dtype) * hit
 
 
@@ -64,7 +64,7 @@ class NewTokenHead(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.base(hidden)
-        return logits.index_add(-1, self.ids, (hidden @ self.delta.t()).to(logits.dtype))
+        return logits.index_add(-1, self.ids.to(logits.device), (hidden @ self.delta.t()).to(logits.dtype))
 
 
 def check_lora(cfg: ModelConfig) -> None:
