@@ -67,13 +67,6 @@ class NewTokenHead(torch.nn.Module):
         return logits.index_add(-1, self.ids.to(logits.device), (hidden @ self.delta.t()).to(logits.dtype))
 
 
-def check_lora(cfg: ModelConfig) -> None:
-    """``model.lora`` with ``model.train_layers``: two ways of choosing what trains, refused together."""
-    if cfg.lora.enabled and cfg.train_layers:
-        raise FieldError("model.lora.enabled", f"cannot be combined with model.train_layers={cfg.train_layers}: "
-                         "LoRA trains adapters on every targeted layer; set one of them")
-
-
 def add_lora(model: torch.nn.Module, cfg: LoraConfig, new_ids: list[int], seed: int) -> torch.nn.Module:
     """Wrap ``model`` in peft LoRA adapters (everything else frozen) and make the ``new_ids`` rows trainable.
 

@@ -28,7 +28,7 @@ from onegen.hidden import decoder_of
 from onegen.tokens import SpecialTokens, base_vocab_size
 from pipeline.config import ModelConfig
 from pipeline.data import check_model_tokenizer
-from pipeline.lora import add_lora, check_lora
+from pipeline.lora import add_lora
 
 log = logging.getLogger("onegen.model")
 
@@ -132,7 +132,6 @@ def build_model(cfg: ModelConfig, tokenizer: Any, *, seed: int, init_new_tokens:
     from transformers import AutoModelForCausalLM
     from transformers.integrations import is_deepspeed_zero3_enabled  # lazy: as above
 
-    check_lora(cfg)
     dtype = choose_dtype(cfg.dtype)
     attn, why = choose_attention(cfg.attn_implementation, dtype)
     source = resolve_source(cfg)

@@ -52,7 +52,7 @@ from onegen.mlflow_tags import TAG_MODE, TAG_MODEL, TAG_STAGE, TRAIN_STAGE
 from onegen.prepared import check_tokenizer, open_prepared
 from onegen.runlock import DirLock
 from onegen.tokens import SpecialTokens, tokenizer_fingerprint
-from pipeline.config import TrainConfig
+from pipeline.config import LoraConfig, TrainConfig
 from pipeline.ds_config import fill_auto, load_ds_config, zero_stage
 from pipeline.memory import memory_mb, peak_memory_mb
 from pipeline.orphans import start_watchdog
@@ -210,6 +210,7 @@ def _set_up(cfg: TrainConfig) -> Run:
     # lazy: see module docstring
     from pipeline import checkpoint as ckpt
     from pipeline.collator import CollatorConfig, OneGenCollator  # lazy: as above
+    from pipeline.lora import parameter_counts  # lazy: as above
     from pipeline.model import build_model, choose_dtype, model_config, model_hidden_size  # lazy: as above
     from pipeline.wrapper import OneGenTrainModule  # lazy: as above
 
@@ -240,6 +241,8 @@ def _set_up(cfg: TrainConfig) -> Run:
     # build the model already partitioned (and HF weight init still runs, unlike a raw zero.Init()).
     hf_ds = HfDeepSpeedConfig(ds_cfg) if zero_stage(ds_cfg) == 3 else None
     model = build_model(cfg.model, tokenizer, seed=cfg.seed, init_new_tokens=tokens)
+    if rank == 0:
+        print("[train] trainable parameters: {:,} of {:,}".format(*parameter_counts(model)), flush=True)
     wrapped = OneGenTrainModule(model, cfg.loss, world)
     if rank == 0:
         print("[train] starting DeepSpeed (the first run on a machine builds a communication op, ~20 s)", flush=True)
@@ -409,8 +412,12 @@ def _check_resume_config(out: Path, cfg: TrainConfig) -> None:
         return
     saved = yaml.safe_load(saved_path.read_text()) or {}
     now = asdict(cfg)
-    changed = [f"model.{k}" for k in now["model"] if saved.get("model", {}).get(k) != now["model"][k]
-               and k not in ("gradient_checkpointing", "attn_implementation", "allow_network")]
+    # Flat "lora.r" keys; a run from before model.lora existed trained without it (the defaults).
+    flat = lambda m: {**{k: v for k, v in m.items() if k != "lora"},  # noqa: E731
+                      **{f"lora.{k}": v for k, v in (m.get("lora") or asdict(LoraConfig())).items()}}
+    old, new = flat(saved.get("model", {})), flat(now["model"])
+    free = ("gradient_checkpointing", "attn_implementation", "allow_network", "lora.export_adapter", "lora.dropout")
+    changed = [f"model.{k}" for k in new if old.get(k) != new[k] and k not in free]
     if saved.get("loss", {}).get("mode") != now["loss"]["mode"]:
         changed.append("loss.mode")
     if changed:

@@ -14,7 +14,7 @@ import transformers
 from onegen.config import FieldError
 from onegen.hidden import decoder_of
 from pipeline.config import LoraConfig, ModelConfig
-from pipeline.lora import (NewTokenEmbedding, NewTokenHead, add_lora, check_lora, merged_state_dict, parameter_counts,
+from pipeline.lora import (NewTokenEmbedding, NewTokenHead, add_lora, merged_state_dict, parameter_counts,
                            write_adapter)
 from tests.train_fixtures import make_world, run, train_cmd
 
@@ -131,7 +131,7 @@ def test_the_adapter_export_loads_on_its_base_with_model_io(tied, tmp_path):
 
 def test_lora_with_train_layers_is_refused():
     with pytest.raises(FieldError, match="model.lora.enabled.*model.train_layers"):
-        check_lora(ModelConfig(lora=LoraConfig(enabled=True), train_layers=1))
+        ModelConfig(lora=LoraConfig(enabled=True), train_layers=1)
 
 
 def test_a_non_linear_target_is_refused():
@@ -240,3 +240,28 @@ def test_zero2_one_rank_smoke(world, tmp_path):
     model, _ = load_model(out / "model")
     assert not any("lora" in k for k in model.state_dict())
     assert _unmerged(out)
+
+
+def test_resume_refuses_another_adapter_but_not_another_export_or_dropout(tmp_path):
+    """A checkpoint holds adapters of one shape: a changed rank or target is refused before DeepSpeed
+    fails on tensor shapes; exporting the adapter too, or another dropout, resumes."""
+    import yaml
+
+    from onegen.config import dump_yaml, load_config
+    from onegen.errors import OneGenError
+    from pipeline.config import TrainConfig
+    from pipeline.train import _check_resume_config
+
+    def cfg(*overrides: str) -> TrainConfig:
+        return load_config(TrainConfig, None, [f"output_dir={tmp_path}", *overrides])
+
+    (tmp_path / "config.yaml").write_text(dump_yaml(cfg("model.lora.enabled=true")))
+    _check_resume_config(tmp_path, cfg("model.lora.enabled=true", "model.lora.export_adapter=true", "model.lora.dropout=0.1"))
+    with pytest.raises(OneGenError, match="changed: model.lora.r"):
+        _check_resume_config(tmp_path, cfg("model.lora.enabled=true", "model.lora.r=8"))
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del saved["model"]["lora"]  # a run from before model.lora existed: trained without adapters
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    _check_resume_config(tmp_path, cfg())
+    with pytest.raises(OneGenError, match="model.lora.enabled"):
+        _check_resume_config(tmp_path, cfg("model.lora.enabled=true"))
