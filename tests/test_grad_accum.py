@@ -16,18 +16,9 @@ import sys
 import numpy as np
 import pytest
 
-from tests.train_fixtures import ROOT, TINY_MODEL, env, make_world
+from tests.train_fixtures import ROOT, SGD_ZERO3, TINY_MODEL, env, make_world
 
 pytestmark = pytest.mark.slow
-
-SGD_ZERO3 = {
-    "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-    "gradient_clipping": 0.0, "steps_per_print": 1000000, "bf16": {"enabled": "auto"}, "zero_allow_untested_optimizer": True,
-    "optimizer": {"type": "SGD", "params": {"lr": "auto", "momentum": 0.0, "weight_decay": "auto"}},
-    "zero_optimization": {"stage": 3, "overlap_comm": "auto", "contiguous_gradients": True,
-                          "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
-                          "stage3_param_persistence_threshold": "auto"},
-}
 
 WORKER = """
 import json, sys

@@ -24,7 +24,7 @@ from pipeline.forward import compute_joint_loss, loss_counts
 from pipeline.grad_cache import _encode, cached_micro_batch, plan_chunks, replay_loss
 from pipeline.wrapper import OneGenTrainModule
 from tests.test_grad_equality import ROWS, collate, grads, rel_diff, tiny_llama
-from tests.train_fixtures import ROOT, TINY_MODEL, env, make_world
+from tests.train_fixtures import ROOT, SGD_ZERO3, TINY_MODEL, env, make_world
 
 
 class TorchEngine:
@@ -105,15 +105,6 @@ def test_a_chunk_re_run_draws_the_same_dropout_as_its_encoding():
 
 
 # ------------------------------------------------------------------ 2 ranks, real DeepSpeed ZeRO-3
-
-SGD_ZERO3 = {
-    "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-    "gradient_clipping": 0.0, "steps_per_print": 1000000, "bf16": {"enabled": "auto"}, "zero_allow_untested_optimizer": True,
-    "optimizer": {"type": "SGD", "params": {"lr": "auto", "momentum": 0.0, "weight_decay": "auto"}},
-    "zero_optimization": {"stage": 3, "overlap_comm": "auto", "contiguous_gradients": True,
-                          "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
-                          "stage3_param_persistence_threshold": "auto"},
-}
 
 # Every configuration in one launch: the gradients are read before the optimizer would step
 # (deepspeed.utils.safe_get_full_grad), then cleared, so each starts from the same weights.

@@ -11,6 +11,17 @@ from onegen.tiny_train import TINY_MODEL  # noqa: F401  (the tests' model overri
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Plain SGD at lr "auto" (the tests give 1.0), no momentum, no clipping, ZeRO-3: one optimizer step moves
+# every parameter by exactly minus its (accumulated, ZeRO-reduced) gradient.
+SGD_ZERO3 = {
+    "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+    "gradient_clipping": 0.0, "steps_per_print": 1000000, "bf16": {"enabled": "auto"}, "zero_allow_untested_optimizer": True,
+    "optimizer": {"type": "SGD", "params": {"lr": "auto", "momentum": 0.0, "weight_decay": "auto"}},
+    "zero_optimization": {"stage": 3, "overlap_comm": "auto", "contiguous_gradients": True,
+                          "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                          "stage3_param_persistence_threshold": "auto"},
+}
+
 
 def make_world(out: Path, questions: int = 120) -> Path:
     from data_prep.world import WorldPrepConfig, prepare_world
