@@ -81,3 +81,41 @@ def test_index_scale_bench_small(tmp_path):
                                                                          "gold_recall1", "gold_recall10"))
         assert kinds["ivfpq"]["bytes_per_vector"] < kinds["flat"]["bytes_per_vector"]
     assert "| ivfpq |" in (out / "index_scale.md").read_text() and "docs/s" in p.stdout
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    from tests.train_fixtures import make_world
+
+    return make_world(tmp_path_factory.mktemp("world"))
+
+
+@pytest.mark.slow
+def test_train_step_grad_cache_part(small_world):
+    """bench/train_step.py's grad_cache part: one contrastive-batch size, with and without caching."""
+    from tests.train_fixtures import env
+
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--part", "grad_cache", "--data",
+                        str(small_world / "rag_train"), "--sizes", "4", "--steps", "3", "--chunk", "2"],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    line = next(x for x in p.stdout.splitlines() if x.startswith("queries=  4"))
+    assert "step memory" in line and "cached" in line and "s/step" in line
+
+
+@pytest.mark.slow
+def test_lora_curves_bench(small_world, tmp_path):
+    """bench/lora_curves.py at a few steps: a plain-LM base, then full and LoRA fine-tuning from it, both
+    evaluated at the same steps; the curves and the plot are written."""
+    from tests.train_fixtures import env
+
+    out = tmp_path / "curves"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "lora_curves.py"), "--world", str(small_world), "--out",
+                        str(out), "--base-steps", "3", "--steps", "4", "--eval-every", "2"],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    curves = json.loads((out / "lora_curves.json").read_text())
+    assert set(curves) == {"full fine-tuning", "LoRA"}
+    assert [s for s, _ in curves["LoRA"]] == [s for s, _ in curves["full fine-tuning"]] == [2, 4]
+    assert all(0.0 <= a <= 1.0 for pts in curves.values() for _, a in pts)
+    assert (out / "lora_curves.png").stat().st_size > 0 and "trainable parameters" in p.stdout
