@@ -53,8 +53,8 @@ class CollatorConfig:
     pad_to_multiple_of: int | None = field(default=8, metadata={"help": "round padded lengths up to a multiple"})
     seed: int = field(default=0, metadata={"help": "seed of the negative sampling"})
     packing: bool = field(default=False, metadata={"help": "pack rows into long sequences with position_ids (TrainConfig data.packing)"})
-    pack_tokens: int = field(default=0, metadata={"help": "most tokens per packed sequence; 0: see pack_scale"})
-    pack_scale: float = field(default=0.0, metadata={"help": "pack_tokens 0: bins of pack_scale x the longest row of each side (0: one sequence per micro-batch)"})
+    pack_tokens: int = field(default=0, metadata={"help": "most tokens per packed sequence; 0: see pack_attention_at"})
+    pack_attention_at: float = field(default=0.0, metadata={"help": "pack_tokens 0: the width at which dense attention costs as much as the rest (packing.attention_width): bins sized by packing.choose_capacity; 0: one sequence per micro-batch side"})
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -189,7 +189,7 @@ class OneGenCollator:
             q_pos_ids=[r[2] for r in rets],
             q_neg_ids=[r[3] for r in rets],
         )
-        return pack_batch(batch, cfg.pack_tokens, self.pad_id, cfg.pad_to_multiple_of, cfg.pack_scale) if cfg.packing else batch
+        return pack_batch(batch, cfg.pack_tokens, self.pad_id, cfg.pad_to_multiple_of, cfg.pack_attention_at) if cfg.packing else batch
 
     def _query_rets(self, query_rows: list[dict[str, Any]], roles: list[np.ndarray],
                     epoch: int) -> list[tuple[int, int, str, list[str]]]:

@@ -8,9 +8,6 @@ from typing import Literal, get_args
 from onegen.config import FieldError
 
 
-# data.pack_tokens 0 without flash-attn: bins of this many times the longest row (bench/packing_step.py).
-DENSE_PACK_SCALE = 1.5
-
 # The projections of Llama, Qwen2 and Mistral blocks (attention and MLP): LoRA's usual targets there.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -67,7 +64,7 @@ class DataConfig:
     eval: list[str] = field(default_factory=list, metadata={"help": "prepared dataset dirs for the periodic teacher-forced evaluation"})
     eval_max_rows: int = field(default=200, metadata={"help": "rows of each eval set used by the periodic evaluation"})
     packing: bool = field(default=False, metadata={"help": "padding-free batches: the rows of a micro-batch (query rows, and separately document rows) are packed into long sequences with per-row position_ids, so no token attends across rows (flash-attn varlen on GPU, a block-diagonal causal mask with sdpa/eager)"})
-    pack_tokens: int = field(default=0, metadata={"help": "packing: most tokens in one packed sequence (rows binned first-fit by length). 0: automatic: with flash-attn one sequence per micro-batch side (varlen: no cost grows with the length squared); with sdpa/eager bins of DENSE_PACK_SCALE (1.5) x the side's longest row, since a dense block-diagonal mask costs the square of the packed length (measured on CPU: 0.92-0.96x padded onegen's step time at ~1.5x, 2.5x slower with one sequence)"})
+    pack_tokens: int = field(default=0, metadata={"help": "packing: most tokens in one packed sequence (rows binned first-fit by length). 0: automatic: with flash-attn one sequence per micro-batch side (varlen); with sdpa/eager, whose dense block-diagonal mask costs the square of the packed length, each side's bin size is chosen per batch among 1-2x its longest row by the padding and attention it costs (pipeline/packing.py)"})
     eval_max_candidates: int = field(default=2000, metadata={"help": "entity linking: KB entries the periodic evaluation ranks against (the rows' positives + a seeded sample); a larger KB is sampled and the metric is then named retrieval_acc@N"})
 
 

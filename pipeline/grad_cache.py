@@ -16,7 +16,7 @@ documents. So, for each micro-batch:
 Each re-run chunk is its own engine forward and backward (a DeepSpeed micro-step): ZeRO-3 reduces a
 parameter's gradient once per backward and, within the first micro-step, copies rather than adds, so
 several chunks inside one backward would overwrite each other's gradients (the failure of GradCache
-under ZeRO-3 in other trainers). The optimizer steps after the last chunk of the optimizer step only
+under ZeRO-3 in other trainers); a micro-step re-runs one query chunk and one document chunk. The optimizer steps after the last chunk of the optimizer step only
 (``engine.set_gradient_accumulation_boundary``). Every rank runs the same number of chunk forwards
 (padding with one-token chunks): ZeRO-3 gathers parameters in collective module hooks.
 """
@@ -121,22 +121,29 @@ def _encode(lm: torch.nn.Module, planned: list[tuple[Chunk, torch.Tensor]], n_ve
     return out
 
 
-def replay_loss(lm: torch.nn.Module, chunk: Chunk, cfg: LossConfig, world_size: int,
+def replay_loss(lm: torch.nn.Module, chunks: list[Chunk], cfg: LossConfig, world_size: int,
                 norm_gen: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Step 3 for one chunk: (loss to back-propagate, generation CE sum, its count) — the surrogate
-    ``<RET states, cached gradient>`` plus the chunk's generation loss, normalised as the plain step's."""
-    if chunk.rng is not None:
-        _set_rng(chunk.rng)
-    h = last_hidden(decoder_of(lm), chunk.input_ids, chunk.attention_mask, chunk.position_ids)
-    loss = upcast(h.sum()) * 0.0  # every parameter of the decoder gets a gradient, on every rank
-    if chunk.ret_grad is not None and chunk.ret_grad.shape[0]:
-        loss = loss + (upcast(h[chunk.ret_rows, chunk.ret_pos]) * chunk.ret_grad).sum()
-    gen_sum = n_gen = torch.zeros((), device=h.device)
-    if chunk.gen_targets is not None:
-        gen_sum, n_gen = gen_loss_sum(h, chunk.gen_targets, lm.get_output_embeddings())
-        lam_g, _ = cfg.effective_lambdas()
-        loss = loss + lam_g * gen_sum * (world_size / max(norm_gen, 1.0))
-    return loss, gen_sum.detach(), n_gen
+    """Step 3 for the chunks of one micro-step: (loss to back-propagate, generation CE sum, its count) —
+    per chunk the surrogate ``<RET states, cached gradient>`` plus its generation loss, normalised as
+    the plain step's."""
+    lam_g, _ = cfg.effective_lambdas()
+    loss = gen_sum = n_gen = None
+    for chunk in chunks:
+        if chunk.rng is not None:
+            _set_rng(chunk.rng)
+        h = last_hidden(decoder_of(lm), chunk.input_ids, chunk.attention_mask, chunk.position_ids)
+        part = upcast(h.sum()) * 0.0  # every parameter of the decoder gets a gradient, on every rank
+        if chunk.ret_grad is not None and chunk.ret_grad.shape[0]:
+            part = part + (upcast(h[chunk.ret_rows, chunk.ret_pos]) * chunk.ret_grad).sum()
+        if chunk.gen_targets is not None:
+            g, n = gen_loss_sum(h, chunk.gen_targets, lm.get_output_embeddings())
+            part = part + lam_g * g * (world_size / max(norm_gen, 1.0))
+            gen_sum, n_gen = g.detach(), n
+        loss = part if loss is None else loss + part
+    if loss is None:
+        raise ValueError("grad cache: a micro-step without chunks")
+    zero = torch.zeros((), device=loss.device)
+    return loss, zero if gen_sum is None else gen_sum, zero if n_gen is None else n_gen
 
 
 def cached_micro_batch(engine: Any, batch: Batch, cfg: LossConfig, totals: tuple[float, float], world_size: int,
@@ -157,10 +164,12 @@ def cached_micro_batch(engine: Any, batch: Batch, cfg: LossConfig, totals: tuple
         for chunk, take in planned:
             chunk.ret_grad = grad[take]
     gen_sum, n_gen = torch.zeros((), device=device), torch.zeros((), device=device)
-    planned = queries + docs
-    for i, (chunk, _) in enumerate(planned):
-        engine.set_gradient_accumulation_boundary(last and i == len(planned) - 1)
-        loss = engine(chunk, totals=totals)
+    # A query chunk and a doc chunk per micro-step (as the plain step runs both sides in one): half the
+    # backwards, whose fixed cost (ZeRO-3 gathers and reductions) otherwise dominates small chunks.
+    replays = [[side[i][0] for side in (queries, docs) if i < len(side)] for i in range(max(len(queries), len(docs)))]
+    for i, chunks in enumerate(replays):
+        engine.set_gradient_accumulation_boundary(last and i == len(replays) - 1)
+        loss = engine(chunks, totals=totals)
         g, n = engine.module.last_replay
         gen_sum, n_gen = gen_sum + g.to(device), n_gen + n.to(device)
         engine.backward(loss, scale_wrt_gas=False)  # normalised by the whole step's counts already

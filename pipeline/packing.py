@@ -18,16 +18,43 @@ from typing import TYPE_CHECKING
 import torch
 
 from onegen.roles import IGNORE_INDEX
-from pipeline.config import DENSE_PACK_SCALE
 
 if TYPE_CHECKING:  # the collator imports this module
     from pipeline.collator import Batch
 
 
-def pack_scale(attention: str) -> float:
-    """``data.pack_tokens`` 0: one packed sequence with flash-attn's varlen path (0.0), else bins of
-    ``DENSE_PACK_SCALE`` × the longest row (sdpa/eager build a dense mask: cost grows with length²)."""
-    return 0.0 if attention == "flash_attention_2" else DENSE_PACK_SCALE
+# Bin sizes tried, as multiples of a side's longest row: wider bins hold more rows but pad every bin
+# to the widest one and, under a dense mask, make attention dearer per token.
+CAPACITY_SCALES = (1.0, 1.25, 1.5, 2.0)
+
+
+def attention_width(attention: str, hidden: int, intermediate: int) -> float:
+    """``data.pack_tokens`` 0: the sequence width at which a dense mask's attention costs as much per token
+    as the rest of a block (projections 8·H², MLP 6·H·I against attention 4·H per token of width), so
+    ``choose_capacity`` can weigh padding against attention; 0.0 with flash-attn (varlen: attention
+    follows each row's own length whatever the packing, so one sequence is best)."""
+    return 0.0 if attention == "flash_attention_2" else (8 * hidden * hidden + 6 * hidden * intermediate) / (4 * hidden)
+
+
+def _width(lengths: list[int], bins: list[list[int]], multiple: int | None) -> int:
+    width = max((sum(lengths[i] for i in b) for b in bins), default=0)
+    return width + (multiple - width % multiple) % multiple if multiple else width
+
+
+def choose_capacity(lengths: list[int], attention_at: float, multiple: int | None = None) -> int:
+    """The bin size (one of ``CAPACITY_SCALES`` × the longest row) whose packed tensor costs least:
+    ``bins × width × (1 + width / attention_at)``; the smallest on ties (``1.0`` never pads more
+    than the padded layout does)."""
+    longest = max(lengths, default=0)
+    best: tuple[float, int] | None = None
+    for scale in CAPACITY_SCALES:
+        capacity = int(scale * longest)
+        bins = first_fit_decreasing(lengths, capacity)
+        width = _width(lengths, bins, multiple)
+        cost = len(bins) * width * (1 + width / attention_at)
+        if best is None or cost < best[0]:
+            best = (cost, capacity)
+    return best[1] if best else 0
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -50,22 +77,21 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 
 def pack_rows(
     ids: torch.Tensor, mask: torch.Tensor, pack_tokens: int, pad_id: int, multiple: int | None = None,
-    targets: torch.Tensor | None = None, scale: float = 0.0,
+    targets: torch.Tensor | None = None, attention_at: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Packs right-padded rows ``[N, L]``. Returns ``(ids, mask, position_ids, targets, row_bin, row_offset)``:
     the packed ``[P, Lp]`` tensors (``targets`` relocated with their tokens, None if not given) and, per
     input row, its bin and the position of its first token there. A bin holds at most
     ``max(pack_tokens, longest row)`` tokens (0: one bin for all rows): a longer cap would not widen
     ``Lp``, which is at least the longest row, and fewer bins are less padding. ``Lp`` is rounded up
-    to ``multiple``. ``scale`` > 0 (with ``pack_tokens`` 0): bins of ``scale`` × the longest row."""
+    to ``multiple``. ``attention_at`` > 0 (with ``pack_tokens`` 0): the cheapest bin size by
+    ``choose_capacity`` (a dense mask)."""
     lengths = [int(n) for n in mask.sum(1).tolist()]
-    if not pack_tokens and scale > 0:
-        pack_tokens = int(scale * max(lengths, default=0))
+    if not pack_tokens and attention_at > 0:
+        pack_tokens = choose_capacity(lengths, attention_at, multiple)
     capacity = max(pack_tokens, max(lengths, default=0)) if pack_tokens else max(sum(lengths), 1)
     bins = first_fit_decreasing(lengths, capacity)
-    width = max((sum(lengths[i] for i in b) for b in bins), default=0)
-    if multiple and width % multiple:
-        width += multiple - width % multiple
+    width = _width(lengths, bins, multiple)
     out_ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
     out_mask = torch.zeros((len(bins), width), dtype=torch.long)
     out_tgt = torch.full((len(bins), width), IGNORE_INDEX, dtype=torch.long) if targets is not None else None
@@ -88,16 +114,16 @@ def pack_rows(
 
 
 def pack_batch(batch: Batch, pack_tokens: int, pad_id: int = 0, multiple: int | None = None,
-               scale: float = 0.0) -> Batch:
+               attention_at: float = 0.0) -> Batch:
     """The same batch with its query rows and, separately, its document rows packed (``pack_rows``;
-    ``scale``: each side's bins hold ``scale`` × its longest row). RET indices are remapped; everything
+    ``attention_at``: each side's bin size chosen by ``choose_capacity``). RET indices are remapped; everything
     else keeps its meaning (counts, doc order, hashes)."""
     if batch.position_ids is not None:
         raise ValueError("batch is already packed")
     ids, mask, pos, tgt, q_bin, q_off = pack_rows(batch.input_ids, batch.attention_mask, pack_tokens, pad_id,
-                                                  multiple, batch.gen_targets, scale)
+                                                  multiple, batch.gen_targets, attention_at)
     d_ids, d_mask, d_pos, _, d_bin, d_off = pack_rows(batch.doc_input_ids, batch.doc_attention_mask, pack_tokens,
-                                                      pad_id, multiple, scale=scale)
+                                                      pad_id, multiple, attention_at=attention_at)
     return replace(
         batch,
         input_ids=ids,

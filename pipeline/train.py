@@ -56,7 +56,7 @@ from pipeline.config import LoraConfig, TrainConfig
 from pipeline.ds_config import fill_auto, load_ds_config, zero_stage
 from pipeline.memory import memory_mb, peak_memory_mb
 from pipeline.orphans import start_watchdog
-from pipeline.packing import pack_scale
+from pipeline.packing import attention_width
 from pipeline.plan import BatchPlan, units_per_epoch
 from pipeline.tracking import Tracker, plot_curves, read_local_metrics, truncate_local_metrics
 
@@ -253,7 +253,8 @@ def _set_up(cfg: TrainConfig) -> Run:
     collators = [OneGenCollator(d.doc_rows, tokenizer.pad_token_id,
                                 CollatorConfig(mode=cfg.loss.mode, num_negatives=cfg.loss.num_negatives, seed=cfg.seed,
                                                packing=cfg.data.packing, pack_tokens=cfg.data.pack_tokens,
-                                               pack_scale=pack_scale(model.onegen_attention)))
+                                               pack_attention_at=attention_width(model.onegen_attention, model.config.hidden_size,
+                                                                                 model.config.intermediate_size)))
                  for d in train_sets]
     run = Run(cfg, rank, world, engine, model, wrapped, tokenizer, tokens, train_sets, eval_sets, collators, plan, ds_cfg)
     run.resumed_from = ckpt.latest_complete(run.ckpt_root)

@@ -22,10 +22,10 @@ class OneGenTrainModule(torch.nn.Module):
         self.last_stats: dict = {}
         self.last_replay: tuple[torch.Tensor, torch.Tensor] | None = None  # (CE sum, count) of the last Chunk
 
-    def forward(self, batch: Batch | Chunk, totals: tuple[float, float] | None = None) -> torch.Tensor:
+    def forward(self, batch: Batch | list[Chunk], totals: tuple[float, float] | None = None) -> torch.Tensor:
         """``totals``: the step's global (GEN, RET) counts (``pipeline.step``); None: this batch's own.
-        A ``Chunk`` is gradient caching's re-run of some rows (``pipeline.grad_cache``)."""
-        if isinstance(batch, Chunk):
+        A list of ``Chunk`` is gradient caching's re-run of some rows (``pipeline.grad_cache``)."""
+        if isinstance(batch, list):
             if totals is None:
                 raise ValueError("a grad-cache chunk needs the step's totals")
             loss, gen_sum, n_gen = replay_loss(self.lm, batch, self.loss_cfg, self.world_size, totals[0])

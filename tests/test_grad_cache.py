@@ -99,7 +99,7 @@ def test_a_chunk_re_run_draws_the_same_dropout_as_its_encoding():
         captured: list[torch.Tensor] = []
         hook = decoder.register_forward_hook(lambda m, a, out: captured.append(out.last_hidden_state))
         with torch.no_grad():
-            replay_loss(model, chunk, cfg, 1, 1.0)  # restores the RNG state the chunk was encoded from
+            replay_loss(model, [chunk], cfg, 1, 1.0)  # restores the RNG state the chunk was encoded from
         hook.remove()
         assert torch.equal(captured[0][chunk.ret_rows, chunk.ret_pos], cached[take])
 

@@ -18,7 +18,7 @@ from onegen.roles import IGNORE_INDEX
 from pipeline.collator import Batch, CollatorConfig, OneGenCollator
 from pipeline.config import LossConfig
 from pipeline.forward import compute_joint_loss
-from pipeline.packing import first_fit_decreasing, pack_batch, pack_rows, pack_scale
+from pipeline.packing import attention_width, choose_capacity, first_fit_decreasing, pack_batch, pack_rows
 from tests.test_grad_equality import DOCS, PAD, RD, ROWS, RQ, rel_diff
 
 MODES = ("onegen", "git", "rit", "grit")
@@ -163,17 +163,23 @@ def test_bins_respect_capacity_and_keep_every_row():
     assert pack_rows(ids, mask, 0, PAD)[0].shape == (1, sum(lengths))
 
 
-def test_automatic_bins_follow_the_attention_kernel():
-    """data.pack_tokens 0: one sequence under flash-attn (varlen), else bins of 1.5x the longest row."""
-    assert pack_scale("flash_attention_2") == 0.0 and pack_scale("sdpa") == pack_scale("eager") == 1.5
-    lengths = [50, 30, 20, 12, 10]
-    ids = torch.full((5, 50), PAD)
-    mask = torch.zeros((5, 50), dtype=torch.long)
-    for i, n in enumerate(lengths):
+def test_automatic_bins_weigh_padding_against_dense_attention():
+    """data.pack_tokens 0: one sequence under flash-attn (varlen); with a dense mask, the bin size among
+    1-2x the longest row whose tensor costs least, never more padding than the padded layout."""
+    assert attention_width("flash_attention_2", 128, 384) == 0.0
+    assert attention_width("sdpa", 128, 384) == attention_width("eager", 128, 384) == (8 * 128 + 6 * 384) / 4
+    docs = [81, 75, 60, 55, 54, 52, 52, 40]  # short rows pair up in 1.5x the longest
+    assert choose_capacity(docs, attention_at=1e9) > 81  # attention free: the least padding wins
+    assert choose_capacity(docs, attention_at=1.0) == 81  # attention dear: no bin wider than a row
+    queries = [256, 240, 230, 199]  # the tiny model's query rows: pairs would halve the rows but double attention
+    assert choose_capacity(queries, attention_at=attention_width("sdpa", 128, 384)) == 256
+    ids = torch.full((len(docs), 81), PAD)
+    mask = torch.zeros((len(docs), 81), dtype=torch.long)
+    for i, n in enumerate(docs):
         ids[i, :n], mask[i, :n] = 7, 1
-    widths = pack_rows(ids, mask, 0, PAD, scale=1.5)[1].sum(1).tolist()
-    assert max(widths) <= 75 and sum(widths) == sum(lengths) and len(widths) == 2  # 50+20 | 30+12+10
-    assert pack_rows(ids, mask, 0, PAD)[0].shape[0] == 1  # no scale: one sequence
+    p_ids, p_mask = pack_rows(ids, mask, 0, PAD, attention_at=832.0)[:2]
+    assert p_ids.numel() < ids.numel() and int(p_mask.sum()) == sum(docs)
+    assert pack_rows(ids, mask, 0, PAD)[0].shape[0] == 1  # no attention width: one sequence
 
 
 def test_no_docs_packs_to_empty_doc_tensors():
