@@ -1,5 +1,5 @@
 """``model.lora`` (pipeline/lora.py): peft adapters on a frozen base, the new tokens' rows trainable, the merged
-export and the adapter-only export; the slow tests run the real trainer (ZeRO-3 on 2 ranks, ZeRO-2 on 1)."""
+export and the adapter-only export; the slow tests run the real trainer (ZeRO-3 on 2 ranks, ZeRO-2 on 1 and 2)."""
 
 from __future__ import annotations
 
@@ -231,12 +231,17 @@ def test_zero3_two_ranks_checkpoint_only_what_trains_resume_exactly_and_export_m
 
 
 @pytest.mark.slow
-def test_zero2_one_rank_smoke(world, tmp_path):
+def test_zero2_one_rank_trains_and_two_ranks_resume(world, tmp_path):
     from onegen.model_io import load_model
 
     out = tmp_path / "run"
-    done = run(train_cmd("python", world, out, "optim.max_steps=3", "deepspeed=ds_configs/zero2.json", *E2E))
+    done = run(train_cmd("python", world, out, "optim.max_steps=3", "checkpoint_every=3",
+                         "deepspeed=ds_configs/zero2.json", *E2E))
     assert "ZeRO-2" in done.stdout and "[train] done: step 3" in done.stdout
+    two = tmp_path / "two"  # a ZeRO checkpoint is tied to its number of ranks: its own output dir
+    run(train_cmd("torchrun", world, two, "optim.max_steps=3", "checkpoint_every=3", "deepspeed=ds_configs/zero2.json", *E2E))
+    later = run(train_cmd("torchrun", world, two, "optim.max_steps=4", "deepspeed=ds_configs/zero2.json", *E2E))
+    assert "resuming from step-000003" in later.stdout and "[train] done: step 4" in later.stdout
     model, _ = load_model(out / "model")
     assert not any("lora" in k for k in model.state_dict())
     assert _unmerged(out)
