@@ -49,7 +49,8 @@ def step_seconds(model: torch.nn.Module, batch: Batch, cfg: LossConfig) -> float
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--data", required=True, help="a prepared RAG dataset dir (e.g. runs/world/rag_train)")
     ap.add_argument("--mode", default="onegen")
     ap.add_argument("--ret-loss", default="infonce")
