@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,10 +19,10 @@ import torch
 from onegen.hidden import decoder_of, last_hidden
 from onegen.stages import torchrun
 from pipeline.config import LossConfig
-from pipeline.forward import compute_joint_loss, loss_counts
+from pipeline.forward import loss_counts
 from pipeline.grad_cache import _encode, cached_micro_batch, plan_chunks, replay_loss
 from pipeline.wrapper import OneGenTrainModule
-from tests.test_grad_equality import ROWS, collate, grads, rel_diff, tiny_llama
+from tests.test_grad_equality import ROWS, collate, grads, loss_grads, rel_diff, tiny_llama
 from tests.train_fixtures import ROOT, SGD_ZERO3, TINY_MODEL, env, make_world
 
 
@@ -46,13 +45,6 @@ class TorchEngine:
         pass
 
 
-def _plain(model, batch, cfg):
-    model.zero_grad(set_to_none=True)
-    loss, stats = compute_joint_loss(model, batch, cfg)
-    loss.backward()
-    return grads(model), stats
-
-
 def _cached(model, batch, cfg):
     model.zero_grad(set_to_none=True)
     engine = TorchEngine(OneGenTrainModule(model, cfg, 1))
@@ -68,7 +60,7 @@ def test_cached_gradients_equal_plain_ones_in_one_process(mode, ret_loss, chunk)
     model = tiny_llama()
     cfg = LossConfig(mode=mode, ret_loss=ret_loss, lambda_gen=0.7, lambda_ret=1.3, grad_cache=True, grad_cache_chunk=chunk)
     batch = collate(ROWS, mode)
-    ref, ref_stats = _plain(model, batch, replace(cfg, grad_cache=False))
+    ref, ref_stats = loss_grads(model, batch, replace(cfg, grad_cache=False))
     got, stats = _cached(model, batch, cfg)
     assert set(got) == set(ref)
     worst = max(rel_diff(got[n], ref[n]) for n in ref)

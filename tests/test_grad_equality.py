@@ -28,7 +28,7 @@ PAD, EOS, RQ, RD, P_OPEN, P_CLOSE = 0, 1, 290, 291, 292, 293
 RET_LOSSES = ("infonce", "bpr")
 
 
-def tiny_llama(dtype: torch.dtype = torch.float64) -> transformers.PreTrainedModel:
+def tiny_llama(dtype: torch.dtype = torch.float64, attn: str = "eager") -> transformers.PreTrainedModel:
     torch.manual_seed(1234)
     cfg = transformers.LlamaConfig(
         hidden_size=64,
@@ -39,7 +39,7 @@ def tiny_llama(dtype: torch.dtype = torch.float64) -> transformers.PreTrainedMod
         vocab_size=300,
         max_position_embeddings=128,
     )
-    cfg._attn_implementation = "eager"
+    cfg._attn_implementation = attn
     return transformers.LlamaForCausalLM(cfg).to(dtype)
 
 
@@ -82,13 +82,22 @@ ROWS = [
 HALVES = (ROWS[:2], ROWS[2:])
 
 
-def collate(rows: list[dict], mode: str = "onegen"):
-    cfg = CollatorConfig(mode=mode, num_negatives=2, seed=5, pad_to_multiple_of=8)
+def collate(rows: list[dict], mode: str = "onegen", **packing):
+    """``packing``: CollatorConfig's packing fields (packing=True, pack_tokens=N)."""
+    cfg = CollatorConfig(mode=mode, num_negatives=2, seed=5, pad_to_multiple_of=8, **packing)
     return OneGenCollator(lambda ids: [DOCS[i] for i in ids], PAD, cfg)(rows, epoch=1)
 
 
 def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def loss_grads(model: torch.nn.Module, batch, cfg: LossConfig) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Every parameter's gradient of ``compute_joint_loss`` on ``batch`` (one process), and its statistics."""
+    model.zero_grad(set_to_none=True)
+    loss, stats = compute_joint_loss(model, batch, cfg)
+    loss.backward()
+    return grads(model), stats
 
 
 def run_step(model, rows, ret_loss, world_size=1):

@@ -10,40 +10,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import transformers
 from transformers.masking_utils import find_packed_sequence_indices
 
 from onegen.hidden import last_hidden
 from onegen.roles import IGNORE_INDEX
-from pipeline.collator import Batch, CollatorConfig, OneGenCollator
 from pipeline.config import LossConfig
-from pipeline.forward import compute_joint_loss
 from pipeline.packing import attention_width, choose_capacity, first_fit_decreasing, pack_batch, pack_rows
-from tests.test_grad_equality import DOCS, PAD, RD, ROWS, RQ, rel_diff
+from tests.test_grad_equality import PAD, RD, ROWS, RQ, collate, loss_grads, rel_diff, tiny_llama
 
 MODES = ("onegen", "git", "rit", "grit")
 SEVERAL = 24  # below the longest query row (38 tokens), above the longest doc (10): several bins each
-
-
-def tiny_llama(attn: str) -> transformers.PreTrainedModel:
-    torch.manual_seed(1234)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=4, vocab_size=300, max_position_embeddings=128)
-    cfg._attn_implementation = attn
-    return transformers.LlamaForCausalLM(cfg).float()
-
-
-def collate(rows: list[dict], mode: str = "onegen", packing: bool = False, pack_tokens: int = 0) -> Batch:
-    cfg = CollatorConfig(mode=mode, num_negatives=2, seed=5, pad_to_multiple_of=8, packing=packing,
-                         pack_tokens=pack_tokens)
-    return OneGenCollator(lambda ids: [DOCS[i] for i in ids], PAD, cfg)(rows, epoch=1)
-
-
-def loss_and_grads(model: torch.nn.Module, batch: Batch, cfg: LossConfig) -> tuple[dict, dict]:
-    model.zero_grad(set_to_none=True)
-    loss, stats = compute_joint_loss(model, batch, cfg)
-    loss.backward()
-    return stats, {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -51,14 +27,14 @@ def loss_and_grads(model: torch.nn.Module, batch: Batch, cfg: LossConfig) -> tup
 @pytest.mark.parametrize("ret_loss", ["bpr", "infonce"])
 @pytest.mark.parametrize("mode", MODES)
 def test_packed_equals_padded(mode: str, ret_loss: str, pack_tokens: int, attn: str):
-    model = tiny_llama(attn)
+    model = tiny_llama(torch.float32, attn)
     cfg = LossConfig(mode=mode, ret_loss=ret_loss)
     padded, packed = collate(ROWS, mode), collate(ROWS, mode, packing=True, pack_tokens=pack_tokens)
     assert packed.position_ids is not None and packed.input_ids.shape[0] < padded.input_ids.shape[0]
     if pack_tokens and mode != "git":
         assert packed.input_ids.shape[0] > 1 and packed.doc_input_ids.shape[0] > 1
-    ref_stats, ref = loss_and_grads(model, padded, cfg)
-    stats, got = loss_and_grads(model, packed, cfg)
+    ref, ref_stats = loss_grads(model, padded, cfg)
+    got, stats = loss_grads(model, packed, cfg)
     assert set(got) == set(ref)
     worst = max(rel_diff(got[n], ref[n]) for n in ref)
     assert worst <= 1e-5, worst
@@ -83,7 +59,7 @@ def _row_states(model, rows: list[dict], resets: bool = True) -> tuple[list[torc
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_changing_one_row_leaves_the_others_bit_identical(attn: str):
-    model = tiny_llama(attn)
+    model = tiny_llama(torch.float32, attn)
     changed = [dict(r) for r in ROWS]
     rng = np.random.default_rng(0)
     changed[0]["input_ids"] = [t if r == 2 else int(rng.integers(10, 280)) for t, r in
@@ -106,7 +82,7 @@ def test_single_row_bins_are_plain_causal_rows():
     padded = collate(rows)
     ids, mask, pos, _, row_bin, _ = pack_rows(padded.input_ids, padded.attention_mask, 1, PAD)
     assert ids.shape[0] == 3 and bool(mask.all()) and find_packed_sequence_indices(pos) is None
-    model = tiny_llama("sdpa")
+    model = tiny_llama(torch.float32, "sdpa")
     with torch.no_grad():
         got = last_hidden(model.get_decoder(), ids, mask, pos)
         ref = last_hidden(model.get_decoder(), padded.input_ids, padded.attention_mask)
