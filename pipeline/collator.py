@@ -110,9 +110,13 @@ class Batch:
         """Real (non-pad) tokens fed through the model: query and doc micro-batches."""
         return int(self.attention_mask.sum()) + int(self.doc_attention_mask.sum())
 
+    def num_slots(self) -> int:
+        """Positions fed through the model, padding included: query and doc tensors."""
+        return self.input_ids.numel() + self.doc_input_ids.numel()
+
     def padding_fraction(self) -> float:
-        """Pad tokens over all tokens of the query and doc tensors (what padding or packing wastes)."""
-        total = self.input_ids.numel() + self.doc_input_ids.numel()
+        """Pad tokens over all positions of the query and doc tensors (what padding or packing wastes)."""
+        total = self.num_slots()
         return 1.0 - self.num_tokens() / total if total else 0.0
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":

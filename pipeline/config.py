@@ -147,7 +147,7 @@ class TrainConfig:
         if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
             raise FieldError("optim.betas", f"expected two numbers in [0, 1), got {self.optim.betas}")
         if self.data.pack_tokens < 0:
-            raise FieldError("data.pack_tokens", f"expected >= 0 (0: one packed sequence per micro-batch), got {self.data.pack_tokens}")
+            raise FieldError("data.pack_tokens", f"expected >= 0 (0: chosen by the attention kernel), got {self.data.pack_tokens}")
         if self.optim.epochs < 0:
             raise FieldError("optim.epochs", f"expected >= 0 (0: use max_steps), got {self.optim.epochs}")
         for name in ("checkpoint_every", "eval_every"):

@@ -40,18 +40,18 @@ def export_model(engine, model, tokenizer, out_dir: Path, *, cfg, tokens, data, 
     if is_lora(model):
         if cfg.model.lora.export_adapter:
             base = resolve_source(cfg.model)
-            _write_dir(out_dir.with_name("adapter"), tokenizer, ["adapter_model.safetensors"],
+            _write_dir(out_dir.with_name("adapter"), tokenizer,
                        lambda tmp: write_adapter(model, state, tmp, cfg.model.lora, base),
                        extra={"adapter": "lora", "base_model": base}, **meta)
         model, state = model.get_base_model(), merged_state_dict(model, state)
-    _write_dir(out_dir, tokenizer, None, lambda tmp: model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True),
+    _write_dir(out_dir, tokenizer, lambda tmp: model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True),
                **meta)
     if dist.is_initialized():
         dist.barrier()
     return out_dir
 
 
-def _write_dir(out_dir: Path, tokenizer, weights: list[str] | None, write_weights: Callable[[Path], None], *, cfg, tokens,
+def _write_dir(out_dir: Path, tokenizer, write_weights: Callable[[Path], None], *, cfg, tokens,
                data, tokenizer_fp: str, step: int, run_id: str | None, extra: dict | None = None) -> None:
     """Weights, tokenizer, OneGen config and manifest into a temporary dir, then renamed to ``out_dir``."""
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -74,7 +74,7 @@ def _write_dir(out_dir: Path, tokenizer, weights: list[str] | None, write_weight
     extra = extra or {}
     onegen_cfg.update(extra)
     (tmp / ONEGEN_CONFIG).write_text(json.dumps(onegen_cfg, indent=2, default=str))
-    weights = weights or sorted(p.name for p in tmp.iterdir() if p.suffix == ".safetensors")
+    weights = sorted(p.name for p in tmp.iterdir() if p.suffix == ".safetensors")
     write_manifest(tmp, "train", fingerprint=fingerprint_files(tmp, weights), model_source=cfg.model.source,
                    mode=cfg.loss.mode, step=step, tokenizer_fingerprint=tokenizer_fp,
                    data_fingerprints=onegen_cfg["data_fingerprints"], mlflow_run_id=run_id, **extra)

@@ -4,7 +4,7 @@ the contrastive batch, and the gradients equal those of the plain step.
 The retrieval loss depends on the model only through the RET states of the query rows and of the
 documents. So, for each micro-batch:
 
-1. **Encode without a graph**, ``grad_cache_chunk`` rows at a time: the raw RET states (fp32) of every
+1. **Encode without a graph**, ``grad_cache_chunk`` rows at a time: the raw RET states (at least fp32) of every
    query row and document, and the RNG state each chunk started from (dropout draws the same again).
 2. **Loss on the vectors**: ``pipeline.forward.retrieval_from_vectors`` over the cached vectors, the
    documents all-gathered across ranks exactly as the plain step does; its backward gives the loss's
@@ -16,7 +16,8 @@ documents. So, for each micro-batch:
 Each re-run chunk is its own engine forward and backward (a DeepSpeed micro-step): ZeRO-3 reduces a
 parameter's gradient once per backward and, within the first micro-step, copies rather than adds, so
 several chunks inside one backward would overwrite each other's gradients (the failure of GradCache
-under ZeRO-3 in other trainers); a micro-step re-runs one query chunk and one document chunk. The optimizer steps after the last chunk of the optimizer step only
+under ZeRO-3 in other trainers); a micro-step re-runs one query chunk and one document chunk. The
+optimizer steps after the last micro-step of the optimizer step only
 (``engine.set_gradient_accumulation_boundary``). Every rank runs the same number of chunk forwards
 (padding with one-token chunks): ZeRO-3 gathers parameters in collective module hooks.
 """
@@ -51,7 +52,6 @@ class Chunk:
     ret_pos: torch.Tensor  # [n]
     rng: tuple[torch.Tensor, list[torch.Tensor] | None] | None = None  # the RNG state the chunk starts from
     ret_grad: torch.Tensor | None = None  # [n, H] d loss / d vector, from step 2
-
 
 
 def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
@@ -95,7 +95,7 @@ def plan_chunks(batch: Batch, cfg: LossConfig, device: torch.device) -> tuple[li
     n_doc_rows = batch.doc_input_ids.shape[0] if batch.num_docs else 0
     local = torch.tensor([math.ceil(batch.input_ids.shape[0] / size), math.ceil(n_doc_rows / size)],
                          dtype=torch.long, device=device)
-    n_q, n_d = collectives.all_reduce_(local, op=dist.ReduceOp.MAX).tolist() if collectives.initialized() else local.tolist()
+    n_q, n_d = collectives.all_reduce_(local, op=dist.ReduceOp.MAX).tolist()  # one process: unchanged
     targets = batch.gen_targets if cfg.uses_gen else None
     filler = batch.input_ids[:1, :1]
     queries = _chunks(batch.input_ids, batch.attention_mask, batch.position_ids, targets,
@@ -127,7 +127,8 @@ def replay_loss(lm: torch.nn.Module, chunks: list[Chunk], cfg: LossConfig, world
     per chunk the surrogate ``<RET states, cached gradient>`` plus its generation loss, normalised as
     the plain step's."""
     lam_g, _ = cfg.effective_lambdas()
-    loss = gen_sum = n_gen = None
+    loss = None
+    gen_sum = n_gen = torch.zeros((), device=chunks[0].input_ids.device)
     for chunk in chunks:
         if chunk.rng is not None:
             _set_rng(chunk.rng)
@@ -138,12 +139,9 @@ def replay_loss(lm: torch.nn.Module, chunks: list[Chunk], cfg: LossConfig, world
         if chunk.gen_targets is not None:
             g, n = gen_loss_sum(h, chunk.gen_targets, lm.get_output_embeddings())
             part = part + lam_g * g * (world_size / max(norm_gen, 1.0))
-            gen_sum, n_gen = g.detach(), n
+            gen_sum, n_gen = gen_sum + g.detach(), n_gen + n
         loss = part if loss is None else loss + part
-    if loss is None:
-        raise ValueError("grad cache: a micro-step without chunks")
-    zero = torch.zeros((), device=loss.device)
-    return loss, zero if gen_sum is None else gen_sum, zero if n_gen is None else n_gen
+    return loss, gen_sum, n_gen
 
 
 def cached_micro_batch(engine: Any, batch: Batch, cfg: LossConfig, totals: tuple[float, float], world_size: int,
@@ -171,7 +169,7 @@ def cached_micro_batch(engine: Any, batch: Batch, cfg: LossConfig, totals: tuple
         engine.set_gradient_accumulation_boundary(last and i == len(replays) - 1)
         loss = engine(chunks, totals=totals)
         g, n = engine.module.last_replay
-        gen_sum, n_gen = gen_sum + g.to(device), n_gen + n.to(device)
+        gen_sum, n_gen = gen_sum + g, n_gen + n
         engine.backward(loss, scale_wrt_gas=False)  # normalised by the whole step's counts already
         engine.step()
     _set_rng(after)

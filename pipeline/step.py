@@ -35,8 +35,8 @@ def accumulate(engine: Any, stats_of: Callable[[], dict], units: Sequence[tuple[
     world_size = collectives.world_size()
     batches = [collate(epoch, d_idx, rows) for epoch, d_idx, rows in units]
     counts = [loss_counts(b, loss_cfg) for b in batches]
-    slots = sum(b.input_ids.numel() + b.doc_input_ids.numel() for b in batches)  # tokens and padding fed
-    local = [sum(c[0] for c in counts), sum(c[1] for c in counts), sum(b.num_tokens() for b in batches), slots]
+    local = [sum(c[0] for c in counts), sum(c[1] for c in counts), sum(b.num_tokens() for b in batches),
+             sum(b.num_slots() for b in batches)]
     n_gen, n_ret, n_tokens, n_slots = collectives.sum_across_ranks(local, device)
     parts = []
     for i, batch in enumerate(batches):

@@ -20,7 +20,7 @@ class OneGenTrainModule(torch.nn.Module):
         self.loss_cfg = loss_cfg
         self.world_size = world_size
         self.last_stats: dict = {}
-        self.last_replay: tuple[torch.Tensor, torch.Tensor] | None = None  # (CE sum, count) of the last Chunk
+        self.last_replay: tuple[torch.Tensor, torch.Tensor] | None = None  # (CE sum, count) of the last grad-cache re-run
 
     def forward(self, batch: Batch | list[Chunk], totals: tuple[float, float] | None = None) -> torch.Tensor:
         """``totals``: the step's global (GEN, RET) counts (``pipeline.step``); None: this batch's own.
