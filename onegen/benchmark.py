@@ -59,17 +59,24 @@ def _prep(name: str, cmd: list[str], out: Path, src: Path) -> Stage:
     return Stage(f"prep-{name}", f"1/4 prepare {name} ({src.name})", cmd, out, done=[out / "manifest.json"])
 
 
-def rag_stages(cfg: BenchmarkConfig, s: RagSet, data: Path) -> tuple[list[Stage], Path, Path]:
-    """The prep stages of one QA dataset and its (train, held-out) directories."""
+def rag_stages(cfg: BenchmarkConfig, s: RagSet, data: Path) -> tuple[list[Stage], list[Path], Path]:
+    """The prep stages of one QA dataset, its training directories (the split's, then ``extra_train``'s) and
+    its held-out one."""
     src = _input(cfg, s.input, f"rag '{s.name}' input")
     train, held = data / f"{s.name}-train", data / f"{s.name}-heldout"
     if s.heldout_input:
         other = _input(cfg, s.heldout_input, f"rag '{s.name}' heldout_input")
-        return ([_prep(f"{s.name}-train", _prep_cmd(cfg, s.kind, src, train, "all", 0.0), train, src),
-                 _prep(f"{s.name}-heldout", _prep_cmd(cfg, s.kind, other, held, "all", 0.0), held, other)], train, held)
-    return ([_prep(f"{s.name}-train", _prep_cmd(cfg, s.kind, src, train, "train", s.heldout_fraction), train, src),
-             _prep(f"{s.name}-heldout", _prep_cmd(cfg, s.kind, src, held, "heldout", s.heldout_fraction), held, src)],
-            train, held)
+        stages = [_prep(f"{s.name}-train", _prep_cmd(cfg, s.kind, src, train, "all", 0.0), train, src),
+                  _prep(f"{s.name}-heldout", _prep_cmd(cfg, s.kind, other, held, "all", 0.0), held, other)]
+    else:
+        stages = [_prep(f"{s.name}-train", _prep_cmd(cfg, s.kind, src, train, "train", s.heldout_fraction), train, src),
+                  _prep(f"{s.name}-heldout", _prep_cmd(cfg, s.kind, src, held, "heldout", s.heldout_fraction), held, src)]
+    trains = [train]
+    for i, rel in enumerate(s.extra_train, start=2):
+        extra, d = _input(cfg, rel, f"rag '{s.name}' extra_train[{i - 2}]"), data / f"{s.name}-train{i}"
+        stages.append(_prep(f"{s.name}-train{i}", _prep_cmd(cfg, s.kind, extra, d, "all", 0.0), d, extra))
+        trains.append(d)
+    return stages, trains, held
 
 
 def el_stages(cfg: BenchmarkConfig, s: ElSet, data: Path) -> tuple[list[Stage], Path | None, Path | None]:
@@ -146,9 +153,9 @@ def build_stages(cfg: BenchmarkConfig, out: Path) -> tuple[list[Stage], dict]:
     rag_eval: dict[str, Path] = {}
     el_eval: dict[str, Path] = {}
     for s in cfg.rag:
-        st, train, held = rag_stages(cfg, s, data)
+        st, trains, held = rag_stages(cfg, s, data)
         stages += st
-        train_dirs.append(train)
+        train_dirs += trains
         rag_eval[s.name] = held
     for e in cfg.el:
         st, train, held = el_stages(cfg, e, data)

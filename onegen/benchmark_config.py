@@ -27,6 +27,10 @@ class RagSet:
                                                                       "without it, `input` is split by question id"})
     heldout_fraction: float = field(default=0.2, metadata={"help": "share of `input`'s questions held out (split by a hash of the id)"})
     eval_examples: int = field(default=40, metadata={"help": "held-out questions evaluated per method (the first N of the held-out part)"})
+    extra_train: list[str] = field(default_factory=list, metadata={
+        "help": "more files of the same kind that only train (e.g. another split of the benchmark), relative to "
+                "data_root; a record without its gold paragraphs in context is quarantined, and the summary checks "
+                "that no evaluated question is among them"})
 
 
 @dataclass

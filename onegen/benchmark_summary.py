@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -86,6 +87,15 @@ def el_table(out: Path, layout: dict) -> dict[str, dict]:
     return rows
 
 
+def _reason_kind(rec: dict) -> str:
+    """A quarantine reason without its values (titles, indices), so records that failed alike count together;
+    each record with its own values stays in the dir's quarantine.jsonl."""
+    field_ = re.sub(r"\[\d+\]", "[i]", str(rec.get("field") or "-"))
+    reason = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", str(rec.get("reason", "?")))
+    reason = re.sub(r"\b\d+\b", "N", reason)
+    return f"{field_}: {reason[:100]}"
+
+
 def data_report(out: Path) -> list[dict]:
     """Each prepared dir: rows, the split it holds, quarantined records by reason, cut rows."""
     report = []
@@ -99,12 +109,34 @@ def data_report(out: Path) -> list[dict]:
             for line in q.read_text().splitlines():
                 if line.strip():
                     rec = json.loads(line)
-                    reasons[f"{rec.get('field') or '-'}: {str(rec.get('reason', '?'))[:80]}"] += 1
+                    reasons[_reason_kind(rec)] += 1
         counts = man.get("counts", {})
         report.append({"dir": d.name, "task": man.get("task"), "queries": counts.get("queries"), "docs": counts.get("docs"),
                        "quarantined": counts.get("quarantined", 0), "reasons": dict(reasons.most_common()),
                        "truncated": man.get("truncated"), "split": man.get("holdout") or man.get("split")})
     return report
+
+
+def _split_ids(d: Path) -> set[str]:
+    ids = (_read_json(d / "split_ids.json") or {}).get("ids")
+    return set(map(str, ids or []))
+
+
+def shared_questions(layout: dict) -> dict[str, int | None]:
+    """Per evaluated dataset: how many of its question (text) ids are also in a training dir (``split_ids.json``).
+    QA ids are the benchmarks' own global ids, so every QA training dir counts; EL ids are positions in one file,
+    so only that dataset's own training part does. None: an id list is missing."""
+    trains = [Path(d) for d in layout["train_dirs"]]
+    out: dict[str, int | None] = {}
+    for family, evaluated in (("rag", layout["rag"]), ("el", layout["el"])):
+        for name, held in evaluated.items():
+            if family == "rag":
+                against = [d for d in trains if (_read_json(d / "manifest.json") or {}).get("task") == "rag"]
+            else:
+                against = [d for d in trains if d.name.startswith(f"{name}-train")]
+            ids, seen = _split_ids(Path(held)), [_split_ids(d) for d in against]
+            out[name] = None if not ids or not all(seen) else len(set().union(*(ids & s for s in seen)))
+    return out
 
 
 def curves(out: Path) -> list[dict]:
@@ -132,10 +164,12 @@ def training_cost(out: Path) -> dict:
             "peak_mem_gb": max(peaks) / 1024 if peaks else None}
 
 
-def check_bars(rag: dict[str, dict[str, dict]], el: dict[str, dict]) -> list[dict]:
+def check_bars(rag: dict[str, dict[str, dict]], el: dict[str, dict], shared: dict[str, int | None]) -> list[dict]:
     """The issue's bars: per QA dataset OneGen's teacher-forced Recall@1 above each pipeline's and its EM
-    above no-retrieval's; per EL dataset gold-mention linking above name match. None: not measured."""
-    bars = []
+    above no-retrieval's; per EL dataset gold-mention linking above name match; and no evaluated question
+    among the training ones. None: not measured."""
+    bars = [{"bar": f"{name}: no evaluated question is in training", "ok": None if n is None else n == 0,
+             "detail": f"{_fmt(n)} shared"} for name, n in shared.items()]
 
     def bar(text: str, a: Any, b: Any) -> None:
         ok = None if a is None or b is None else bool(a > b)
@@ -202,7 +236,7 @@ def _cut_total(truncated: Any) -> str | None:
 
 def write_summary(out: Path, cfg: Any, layout: dict, wall: float) -> dict:
     rag, el = rag_tables(out, layout), el_table(out, layout)
-    data, curve, bars = data_report(out), curves(out), check_bars(rag, el)
+    data, curve, bars = data_report(out), curves(out), check_bars(rag, el, shared_questions(layout))
     seconds = layout.get("seconds", {})
     (out / "summary.md").write_text(_markdown(out, cfg, rag, el, data, curve, bars, seconds, wall))
     result = {"wall_s": wall, "rag": {n: {m: {"headline": r["headline"], "ci": r["ci"]} for m, r in rows.items()}

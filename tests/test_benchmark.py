@@ -65,7 +65,14 @@ def test_train_and_heldout_parts_are_split_by_the_same_rule_and_only_training_pa
     assert not any(c.startswith("holdout.") for c in by["prep-kore50-eval"].cmd)
     train = next(c for c in by["train-onegen"].cmd if c.startswith("data.train="))
     assert [Path(d).name for d in train.split("=", 1)[1].strip("[]").split(",")] == \
-        ["2wiki-train", "hotpotqa-train", "reuters-128-train"]
+        ["2wiki-train", "hotpotqa-train", "hotpotqa-train2", "reuters-128-train"]
+    # extra_train: the whole other file trains (no split), and nothing of it is evaluated
+    extra = by["prep-hotpotqa-train2"].cmd
+    assert not any(c.startswith("holdout.") for c in extra) and extra[extra.index("--input") + 1].endswith(
+        cfg.rag[1].extra_train[0].split("/")[-1])
+    evaluated = [c for s in stages if s.name.startswith(("eval-", "index-")) for c in s.cmd]
+    evaluated += [c for c in by["train-onegen"].cmd if c.startswith("data.eval=")]
+    assert not any("hotpotqa-train2" in c for c in evaluated)
     assert by["train-onegen"].keep  # a trained model is never replaced silently
     evals = [s for s in stages if s.name.startswith("eval-")]
     assert len(evals) == 2 * len(METHODS) + 3 and {"index-2wiki", "index-hotpotqa"} <= set(by)
@@ -88,11 +95,44 @@ def test_bars_are_judged_from_the_measured_numbers(tmp_path):
                    [{"em": 1.0}, {"em": 0.0}, {"em": 0.0}, {"em": 0.0}])
     _fake_eval(tmp_path, "kore50", "onegen", {"el_link_acc_gold": 0.3, "el_name_match_acc_gold": 0.4, "kb_size": 9}, [])
     rag, el = benchmark_summary.rag_tables(tmp_path, layout), benchmark_summary.el_table(tmp_path, layout)
-    bars = {b["bar"]: b["ok"] for b in benchmark_summary.check_bars(rag, el)}
+    bars = {b["bar"]: b["ok"] for b in benchmark_summary.check_bars(rag, el, {"2wiki": 0, "kore50": 2})}
     assert bars == {"2wiki: onegen R@1 tf > pipeline-bm25": False, "2wiki: onegen R@1 tf > pipeline-minilm": True,
-                    "2wiki: onegen EM > no-retrieval": True, "kore50: onegen gold-mention link acc > name match": False}
+                    "2wiki: onegen EM > no-retrieval": True, "kore50: onegen gold-mention link acc > name match": False,
+                    "2wiki: no evaluated question is in training": True,
+                    "kore50: no evaluated question is in training": False}
     lo, hi = rag["2wiki"]["onegen"]["ci"]["em"]  # EM 0.25 over 4 questions: a bootstrap interval around it
     assert 0.0 <= lo <= 0.25 <= hi <= 1.0
+
+
+def _prepared(d: Path, task: str, ids: list[str]) -> str:
+    d.mkdir(parents=True)
+    (d / "manifest.json").write_text(json.dumps({"task": task}))
+    (d / "split_ids.json").write_text(json.dumps({"part": "all", "ids": ids}))
+    return str(d)
+
+
+def test_questions_shared_by_training_and_evaluation_are_counted(tmp_path):
+    # QA ids are the benchmarks' global ids: any QA training dir counts (an extra training file may hold a
+    # held-out question). EL ids are positions in one file: only the dataset's own training part counts.
+    layout = {"train_dirs": [_prepared(tmp_path / "hotpotqa-train", "rag", ["a", "b"]),
+                             _prepared(tmp_path / "hotpotqa-train2", "rag", ["c", "q2"]),
+                             _prepared(tmp_path / "reuters-128-train", "el", ["0", "1"])],
+              "rag": {"hotpotqa": _prepared(tmp_path / "hotpotqa-heldout", "rag", ["q1", "q2"]),
+                      "2wiki": _prepared(tmp_path / "2wiki-heldout", "rag", ["x"])},
+              "el": {"reuters-128": _prepared(tmp_path / "reuters-128-heldout", "el", ["2", "3"]),
+                     "kore50": _prepared(tmp_path / "kore50-eval", "el", ["0", "1"]),
+                     "oke-2015": str(tmp_path / "missing")}}
+    assert benchmark_summary.shared_questions(layout) == {"hotpotqa": 1, "2wiki": 0, "reuters-128": 0, "kore50": 0,
+                                                          "oke-2015": None}
+
+
+def test_quarantine_reasons_are_counted_by_kind_not_by_value():
+    kind = benchmark_summary._reason_kind
+    a = {"field": "supporting_facts[0][0]", "reason": "supporting fact points at paragraph 'Kansas Song', which is not in context"}
+    b = {"field": "supporting_facts[2][0]", "reason": 'supporting fact points at paragraph "Homer\'s Odyssey", which is not in context'}
+    c = {"field": "supporting_facts[1][1]", "reason": "sentence index 7 out of range: paragraph 'X' has 3 sentences"}
+    assert kind(a) == kind(b) != kind(c)
+    assert "Kansas" not in kind(a) and "paragraph '…'" in kind(a)
 
 
 @pytest.mark.slow
@@ -118,7 +158,8 @@ def test_toy_benchmark_end_to_end(tmp_path, shared_data):
     for name, h in s["el"].items():
         assert h["kb_size"] > 0 and 0.0 <= h["el_f1"] <= 1.0, name
         assert 0.0 <= h["el_link_acc_gold"] <= 1.0 and 0.0 <= h["el_name_match_acc_gold"] <= 1.0, name
-    assert len(s["bars"]) == 2 * 3 + 2 and all(b["ok"] in (True, False) for b in s["bars"])
+    assert len(s["bars"]) == 2 * 3 + 2 + 4 and all(b["ok"] in (True, False) for b in s["bars"])
+    assert all(b["ok"] for b in s["bars"] if "no evaluated question" in b["bar"])  # the split holds
     # the split is recorded in each prepared part's manifest, and no question is on both sides
     for name in ("2wiki", "hotpotqa"):
         ids = {}
