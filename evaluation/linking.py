@@ -305,30 +305,60 @@ def linked_gold_mentions(mentions: Sequence[dict]) -> list[tuple[int, int, str]]
     return out
 
 
-def name_match_baseline(data: Any, kb_ids: Sequence[str], indices: Sequence[int]) -> dict[str, Any]:
-    """Link each gold mention of the rows ``indices`` by name alone, over the KB ``kb_ids`` (the
-    entity index's documents): the entity whose name (its document title) equals the mention's
-    surface text after ``name_key``; several such entities -> the first by doc id (string order;
-    counted in ``ambiguous``); none -> wrong (``no_name``). ``acc`` = right / gold links."""
+def name_match_links(data: Any, kb_ids: Sequence[str], indices: Sequence[int]) -> tuple[list[list[dict]], int]:
+    """The name-match baseline, mention by mention: for each row of ``indices``, each linked gold mention as
+    ``{"span", "mention", "gold", "name_match"}`` (None: no KB name equals the mention), and how many
+    mentions matched several names. The rule: the entity whose name (its document title) equals the
+    mention's surface text after ``name_key``; several -> the first by doc id (string order)."""
     titles = dict(zip(data.docs["doc_id"][:], data.docs["title"][:]))  # lists: a lazy column iterates slowly
     by_name: dict[str, list[str]] = {}
     for d in kb_ids:
         key = name_key(titles.get(d) or "")
         if key:  # an entity without a name matches nothing
             by_name.setdefault(key, []).append(d)
-    right = total = ambiguous = no_name = 0
+    rows: list[list[dict]] = []
+    ambiguous = 0
     cols = data.queries.select_columns(["question", "mentions"])
     indices = list(indices)
     for s in range(0, len(indices), 512):
         part = cols[indices[s:s + 512]]
         for text, mentions in zip(part["question"], part["mentions"]):
+            row = []
             for start, end, entity in linked_gold_mentions(mentions or []):
-                total += 1
-                names = by_name.get(name_key(text[start:end]))
-                if not names:
-                    no_name += 1
-                    continue
+                names = by_name.get(name_key(text[start:end])) or []
                 ambiguous += int(len(names) > 1)
-                right += int(min(names) == entity)
+                row.append({"span": [start, end], "mention": text[start:end], "gold": entity,
+                            "name_match": min(names) if names else None})
+            rows.append(row)
+    return rows, ambiguous
+
+
+def name_match_baseline(data: Any, kb_ids: Sequence[str], indices: Sequence[int]) -> dict[str, Any]:
+    """Link each gold mention of the rows ``indices`` by name alone, over the KB ``kb_ids`` (the
+    entity index's documents; rule: ``name_match_links``). ``acc`` = right / gold links; ``no_name``:
+    mentions no KB name equals (wrong); ``ambiguous``: mentions several names equal."""
+    rows, ambiguous = name_match_links(data, kb_ids, indices)
+    links = [m for row in rows for m in row]
+    right = sum(m["name_match"] == m["gold"] for m in links)
+    total = len(links)
     return {"acc": right / total if total else None, "right": right, "n": total, "ambiguous": ambiguous,
-            "no_name": no_name, "kb_size": len(kb_ids)}
+            "no_name": sum(m["name_match"] is None for m in links), "kb_size": len(kb_ids)}
+
+
+def gold_mention_table(replayed: Sequence[LinkResult], name_rows: Sequence[Sequence[dict]]) -> list[list[dict]]:
+    """Per text, each linked gold mention with OneGen's top-1 entity (its own ``[LK]`` state, gold output
+    replayed) beside the name-match baseline's: where each one errs, mention by mention."""
+    table = []
+    for r, row in zip(replayed, name_rows):
+        table.append([{**m, "onegen": (r.links[j].retrieved[0][0] if j < len(r.links) and r.links[j].retrieved else None)}
+                      for j, m in enumerate(row)])
+    return table
+
+
+def agreement(table: Sequence[Sequence[dict]]) -> dict[str, int]:
+    """How many gold mentions both link right, only OneGen, only name match, neither."""
+    out = {"both": 0, "onegen_only": 0, "name_match_only": 0, "neither": 0}
+    for m in (m for row in table for m in row):
+        one, name = m["onegen"] == m["gold"], m["name_match"] == m["gold"]
+        out["both" if one and name else "onegen_only" if one else "name_match_only" if name else "neither"] += 1
+    return out

@@ -99,10 +99,12 @@ def _rag_records(results, k: int, normalization: str = "default") -> list[dict]:
     return out
 
 
-def _el_records(results) -> list[dict]:
+def _el_records(results, gold_mentions: list[list[dict]]) -> list[dict]:
+    """One record a text: its free-generation links and, per gold mention, OneGen's and name match's entity."""
     out = []
-    for r in results:
+    for r, mentions in zip(results, gold_mentions):
         d = r.to_dict()
+        d["gold_mentions"] = mentions
         d["generated_text"] = d.pop("output_text")
         d["question"] = r.text
         s = el_scores([r.predictions], [r.gold])
@@ -265,14 +267,17 @@ def el_finish(req: Any, raw: Raw, data: Any, kb_ids: list[str]) -> TaskPart:
     """Score an EL run's raw results against the KB ``kb_ids`` (the entity index's ids); ``data``: the
     prepared dataset (the name-match baseline reads its mentions)."""
     # lazy: see module docstring
-    from evaluation.linking import gold_link_accuracy, name_match_baseline, summarize_linking
+    from evaluation.linking import (agreement, gold_link_accuracy, gold_mention_table, name_match_baseline,
+                                    name_match_links, summarize_linking)
     from evaluation.teacher_forced import recall_from_counts  # lazy: as above
 
     results = raw.results
     summary = summarize_linking(results)
     tf = recall_from_counts(*raw.tf_counts, setting="open")  # type: ignore[misc]
+    table = gold_mention_table(raw.replayed, name_match_links(data, kb_ids, range(len(results)))[0])
     gold = {"onegen": {**gold_link_accuracy(raw.replayed), "wall_s": raw.replay_s},
             "name_match": name_match_baseline(data, kb_ids, range(len(results))),
+            "agreement": agreement(table),
             "rule": "name match: KB entity whose title equals the mention text after lower-casing and whitespace "
                     "collapsing; several -> first by doc id; none -> wrong"}
     head = {"el_precision": summary["precision"], "el_recall": summary["recall"], "el_f1": summary["f1"],
@@ -284,7 +289,7 @@ def el_finish(req: Any, raw: Raw, data: Any, kb_ids: list[str]) -> TaskPart:
             "el_name_match_ambiguous": gold["name_match"]["ambiguous"], "kb_size": len(kb_ids)}
     hist = _scores_for_hist((l.retrieved, r.gold_links[j] if j < len(r.gold_links) else None)
                             for r in results for j, l in enumerate(r.links))
-    return TaskPart(head, _el_records(results), hist, {"link": summary.get("link_recall_at_1")}, {"link": tf["recall@1"]},
+    return TaskPart(head, _el_records(results, table), hist, {"link": summary.get("link_recall_at_1")}, {"link": tf["recall@1"]},
                     {"summary": summary, "teacher_forced": tf, "gold_mentions": gold, "linking": raw.config},
                     len(results), raw.gen_s, sum(r.n_generated for r in results),
                     {f"link.{k}": v for k, v in raw.config.items()})

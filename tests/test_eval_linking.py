@@ -226,3 +226,19 @@ def test_name_match_baseline_by_hand():
     got = name_match_baseline(data, ["E2", "E3", "E4", "E5"], [0])
     assert got["acc"] == 3 / 4 and got["ambiguous"] == 0 and got["kb_size"] == 4
     assert name_match_baseline(data, ["E2"], [])["acc"] is None
+
+
+def test_gold_mention_table_sets_onegen_beside_name_match_mention_by_mention():
+    from evaluation.linking import Link, LinkResult, agreement, gold_mention_table, name_match_links
+
+    text = "Paris met Rome and Zed."
+    data = _kb([("E1", "Paris"), ("E2", "Rome"), ("E3", "Zed")],
+               [(text, [(0, 5, "E1"), (10, 14, "E9"), (19, 22, "E3")])])
+    rows, ambiguous = name_match_links(data, ["E1", "E2", "E3"], [0])
+    assert [[m["mention"], m["name_match"]] for m in rows[0]] == [["Paris", "E1"], ["Rome", "E2"], ["Zed", "E3"]]
+    replayed = LinkResult("0", text, "", [], [], ["E1", "E9", "E3"],
+                          [Link([("E2", 0.9)], 1), Link([("E9", 0.8)], 2)], 0, "eos", 0, 0, 1, 0, 0.0)
+    table = gold_mention_table([replayed], rows)
+    # the third gold mention got no [LK] in the replay: OneGen's entity is None there, and it counts as wrong
+    assert [m["onegen"] for m in table[0]] == ["E2", "E9", None] and ambiguous == 0
+    assert agreement(table) == {"both": 0, "onegen_only": 1, "name_match_only": 2, "neither": 0}
