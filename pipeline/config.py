@@ -61,11 +61,21 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: list[str] = field(default_factory=list, metadata={"help": "prepared dataset dirs (data_prep output) to train on, mixed"})
+    train_weights: list[float] = field(default_factory=list, metadata={"help": "one per data.train dir: passes over it in one epoch (2: twice, each pass its own shuffle; 0.5: half its rows; 0: left out). Empty: 1 each"})
     eval: list[str] = field(default_factory=list, metadata={"help": "prepared dataset dirs for the periodic teacher-forced evaluation"})
     eval_max_rows: int = field(default=200, metadata={"help": "rows of each eval set used by the periodic evaluation"})
     packing: bool = field(default=False, metadata={"help": "padding-free batches: the rows of a micro-batch (query rows, and separately document rows) are packed into long sequences with per-row position_ids, so no token attends across rows (flash-attn varlen on GPU, a block-diagonal causal mask with sdpa/eager)"})
     pack_tokens: int = field(default=0, metadata={"help": "packing: most tokens in one packed sequence (rows binned first-fit by length). 0: automatic: with flash-attn one sequence per micro-batch side (varlen); with sdpa/eager, whose dense block-diagonal mask costs the square of the packed length, each side's bin size is chosen per batch among 1-2x its longest row by the padding and attention it costs (pipeline/packing.py)"})
     eval_max_candidates: int = field(default=2000, metadata={"help": "entity linking: KB entries the periodic evaluation ranks against (the rows' positives + a seeded sample); a larger KB is sampled and the metric is then named retrieval_acc@N"})
+
+    def __post_init__(self) -> None:
+        if not self.train_weights:
+            return
+        if len(self.train_weights) != len(self.train):
+            raise FieldError("data.train_weights", f"needs one weight per data.train dir ({len(self.train)}), "
+                                                   f"got {len(self.train_weights)}")
+        if any(w < 0 for w in self.train_weights) or not any(w > 0 for w in self.train_weights):
+            raise FieldError("data.train_weights", f"weights must be >= 0 and one > 0, got {self.train_weights}")
 
 
 LossMode = Literal["onegen", "git", "rit", "grit"]

@@ -1,7 +1,8 @@
 """Which rows each rank trains on at each step: a pure function of (seed, epoch, dataset sizes).
 
 Rows are cut into *units* of ``micro_batch_size`` rows of one dataset (a micro-batch never mixes a
-RAG row and an EL row, which use different document pools). Units are shuffled per epoch with a
+RAG row and an EL row, which use different document pools); ``data.train_weights`` sets how many passes
+over each dataset one epoch makes. Units are shuffled per epoch with a
 seeded RNG; step s on rank r takes units ``[s*W*G + g*W + r for g in range(G)]`` (W ranks, G
 accumulation steps). Units do not depend on the world size, so the resumable data position is
 simply "units consumed" and no example is skipped or repeated across a resume.
@@ -14,40 +15,53 @@ import numpy as np
 from onegen.errors import ConfigError
 
 
-def epoch_units(sizes: list[int], micro_batch: int, seed: int, epoch: int) -> list[tuple[int, list[int]]]:
-    """``[(dataset index, row indices)]`` for one epoch; the last partial unit of a dataset is dropped."""
+def _passes(n: int, weight: float) -> list[int]:
+    """How many rows each pass over a dataset of ``n`` rows takes in one epoch at mixing ``weight``: whole
+    passes, then a part (weight 2.5 -> [n, n, n/2]; 1 -> [n], the unweighted epoch)."""
+    whole, part = divmod(weight, 1.0)
+    return [n] * int(whole) + ([int(round(part * n))] if part > 0 else [])
+
+
+def epoch_units(sizes: list[int], micro_batch: int, seed: int, epoch: int,
+                weights: list[float] | None = None) -> list[tuple[int, list[int]]]:
+    """``[(dataset index, row indices)]`` for one epoch; the last partial unit of each pass is dropped.
+    ``weights`` (default all 1) sets how many passes over each dataset an epoch makes: every pass is its
+    own permutation, cut into units apart, so no unit holds a row twice."""
     rng = np.random.default_rng([seed, epoch])
     units = []
     for d, n in enumerate(sizes):
-        order = rng.permutation(n)
-        for start in range(0, n - micro_batch + 1, micro_batch):
-            units.append((d, order[start:start + micro_batch].tolist()))
+        for take in _passes(n, weights[d] if weights else 1.0):
+            order = rng.permutation(n)[:take]
+            for start in range(0, take - micro_batch + 1, micro_batch):
+                units.append((d, order[start:start + micro_batch].tolist()))
     perm = rng.permutation(len(units))
     return [units[i] for i in perm]
 
 
-def units_per_epoch(sizes: list[int], micro_batch: int, grad_accum: int, world_size: int) -> int:
+def units_per_epoch(sizes: list[int], micro_batch: int, grad_accum: int, world_size: int,
+                    weights: list[float] | None = None) -> int:
     """Micro-batches of one epoch that fill whole optimizer steps (0 when the data cannot fill one)."""
-    n_units = sum(n // micro_batch for n in sizes)
+    n_units = sum(take // micro_batch for d, n in enumerate(sizes) for take in _passes(n, weights[d] if weights else 1.0))
     return n_units - n_units % (world_size * grad_accum)
 
 
 class BatchPlan:
-    def __init__(self, sizes: list[int], micro_batch: int, grad_accum: int, world_size: int, seed: int):
+    def __init__(self, sizes: list[int], micro_batch: int, grad_accum: int, world_size: int, seed: int,
+                 weights: list[float] | None = None):
         self.sizes, self.micro_batch, self.grad_accum = sizes, micro_batch, grad_accum
-        self.world_size, self.seed = world_size, seed
+        self.world_size, self.seed, self.weights = world_size, seed, weights
         self.per_step = world_size * grad_accum
         self._cache: dict[int, list] = {}
-        n_units = sum(n // micro_batch for n in sizes)
+        n_units = units_per_epoch(sizes, micro_batch, 1, 1, weights)
         if n_units < self.per_step:
             raise ConfigError(f"the training data has {n_units} micro-batches of {micro_batch} rows, fewer than one "
                               f"optimizer step needs ({world_size} ranks × {grad_accum} accumulation): lower "
                               f"optim.micro_batch_size or optim.grad_accum, or give more rows")
-        self.units_per_epoch = units_per_epoch(sizes, micro_batch, grad_accum, world_size)  # whole steps only
+        self.units_per_epoch = units_per_epoch(sizes, micro_batch, grad_accum, world_size, weights)  # whole steps only
 
     def units(self, epoch: int) -> list:
         if epoch not in self._cache:
-            self._cache = {epoch: epoch_units(self.sizes, self.micro_batch, self.seed, epoch)}
+            self._cache = {epoch: epoch_units(self.sizes, self.micro_batch, self.seed, epoch, self.weights)}
         return self._cache[epoch]
 
     def position(self, units_consumed: int) -> tuple[int, int]:

@@ -228,7 +228,7 @@ def _set_up(cfg: TrainConfig) -> Run:
     sizes = [len(d) for d in train_sets]
     ds_cfg = load_ds_config(cfg.deepspeed)
     if cfg.optim.epochs:
-        per_epoch = units_per_epoch(sizes, cfg.optim.micro_batch_size, cfg.optim.grad_accum, world)
+        per_epoch = units_per_epoch(sizes, cfg.optim.micro_batch_size, cfg.optim.grad_accum, world, cfg.data.train_weights)
         cfg.optim.max_steps = max(1, math.ceil(cfg.optim.epochs * per_epoch / (world * cfg.optim.grad_accum)))
 
     dtype = choose_dtype(cfg.model.dtype)
@@ -249,7 +249,7 @@ def _set_up(cfg: TrainConfig) -> Run:
     engine, _, _, _ = deepspeed.initialize(model=wrapped, model_parameters=[p for p in wrapped.parameters() if p.requires_grad],
                                            config=ds_cfg)
     engine.onegen_hf_ds_config = hf_ds
-    plan = BatchPlan(sizes, cfg.optim.micro_batch_size, cfg.optim.grad_accum, world, cfg.seed)
+    plan = BatchPlan(sizes, cfg.optim.micro_batch_size, cfg.optim.grad_accum, world, cfg.seed, cfg.data.train_weights)
     collators = [OneGenCollator(d.doc_rows, tokenizer.pad_token_id,
                                 CollatorConfig(mode=cfg.loss.mode, num_negatives=cfg.loss.num_negatives, seed=cfg.seed,
                                                packing=cfg.data.packing, pack_tokens=cfg.data.pack_tokens,
@@ -421,6 +421,8 @@ def _check_resume_config(out: Path, cfg: TrainConfig) -> None:
     changed = [f"model.{k}" for k in new if old.get(k) != new[k] and k not in free]
     if saved.get("loss", {}).get("mode") != now["loss"]["mode"]:
         changed.append("loss.mode")
+    if (saved.get("data", {}).get("train_weights") or []) != now["data"]["train_weights"]:
+        changed.append("data.train_weights")  # the data position (units consumed) means another order
     if changed:
         raise OneGenError(f"{out} holds checkpoints of another configuration (changed: {', '.join(changed)}); "
                           f"resume with the original settings or use a new output_dir")

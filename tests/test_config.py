@@ -49,3 +49,26 @@ def test_trainer_value_checks_blame_the_recipe_line_or_the_override(tmp_path):
         load_config(TrainConfig, None, ["checkpoint_every=-5"])
     # 0 is valid: no periodic checkpoints (the run still saves at the end); it used to divide by zero
     assert load_config(TrainConfig, None, ["checkpoint_every=0", "eval_every=0"]).checkpoint_every == 0
+
+
+def test_resume_refuses_other_mixing_weights(tmp_path):
+    """The data position a checkpoint keeps (units consumed) indexes the weighted plan: other weights are
+    another order, so a resume with them is refused; a run from before the weights existed resumes."""
+    import yaml
+
+    from onegen.config import dump_yaml, load_config
+    from onegen.errors import OneGenError
+    from pipeline.config import TrainConfig
+    from pipeline.train import _check_resume_config
+
+    def cfg(*overrides: str) -> TrainConfig:
+        return load_config(TrainConfig, None, [f"output_dir={tmp_path}", "data.train=[a,b]", *overrides])
+
+    (tmp_path / "config.yaml").write_text(dump_yaml(cfg("data.train_weights=[1,2]")))
+    _check_resume_config(tmp_path, cfg("data.train_weights=[1,2]"))
+    with pytest.raises(OneGenError, match="changed: data.train_weights"):
+        _check_resume_config(tmp_path, cfg("data.train_weights=[1,3]"))
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del saved["data"]["train_weights"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    _check_resume_config(tmp_path, cfg())

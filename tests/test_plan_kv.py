@@ -51,6 +51,30 @@ def test_resume_position_crosses_epochs():
     assert plan.step_units(5, 0)[0][2] == epoch_units([8], 2, 0, 1)[1][1]
 
 
+def test_mixing_weights_set_the_passes_over_each_dataset_and_weight_one_is_the_unweighted_plan():
+    assert epoch_units([10, 7], 3, seed=0, epoch=0, weights=[1.0, 1.0]) == epoch_units([10, 7], 3, seed=0, epoch=0)
+    units = epoch_units([12, 8], micro_batch=4, seed=0, epoch=0, weights=[0.5, 2.5])
+    rows: dict[int, list[int]] = {0: [], 1: []}
+    for d, r in units:
+        assert len(set(r)) == len(r) == 4  # every pass is cut into units apart: no row twice in one micro-batch
+        rows[d] += r
+    assert len(rows[0]) == 4 and len(set(rows[0])) == 4  # half of 12 rows is 6: one unit of 4, the rest dropped
+    assert len(rows[1]) == 20 and all(rows[1].count(i) >= 2 for i in range(8))  # two whole passes and a half
+    assert units_per_epoch([12, 8], 4, 1, 1, weights=[0.5, 2.5]) == len(units) == 6
+    assert [d for d, _ in epoch_units([12, 8], 4, 0, 0, weights=[0.0, 1.0])] == [1, 1]  # weight 0: left out
+    plan = BatchPlan([12, 8], micro_batch=4, grad_accum=1, world_size=1, seed=0, weights=[0.5, 2.5])
+    assert plan.units_per_epoch == 6 and plan.step_units(0, 0)[0][1:] == units[0]
+
+
+@pytest.mark.parametrize("weights, needle", [([1.0], "one weight per data.train dir"), ([1.0, -1.0], ">= 0"),
+                                             ([0.0, 0.0], "one > 0")])
+def test_bad_mixing_weights_are_refused_with_the_field(weights, needle):
+    from pipeline.config import DataConfig
+
+    with pytest.raises(ConfigError, match=f"data.train_weights.*{needle}"):
+        DataConfig(train=["a", "b"], train_weights=weights)
+
+
 def test_a_plan_that_cannot_fill_one_step_is_refused_with_the_fix():
     with pytest.raises(ConfigError, match="lower optim.micro_batch_size"):
         BatchPlan([3], micro_batch=4, grad_accum=1, world_size=1, seed=0)
