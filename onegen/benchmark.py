@@ -94,18 +94,21 @@ def el_stages(cfg: BenchmarkConfig, s: ElSet, data: Path) -> tuple[list[Stage], 
             train, held)
 
 
-def train_stage(cfg: BenchmarkConfig, out: Path, train_dirs: list[Path], eval_dirs: list[Path], uri: str) -> Stage:
+def train_stage(cfg: BenchmarkConfig, out: Path, train_dirs: list[Path], eval_dirs: list[Path], uri: str,
+                weights: list[float]) -> Stage:
     run_dir = out / "train-onegen"
     recipe = resolve(cfg.train.recipe, ROOT)
     if not recipe.is_file():
         raise ConfigError(f"train.recipe: {recipe} does not exist")
+    # all-1 weights are left out: the command (and so a finished run's reuse) stays what it was without them
+    mix = [f"data.train_weights=[{','.join(map(str, weights))}]"] if any(w != 1.0 for w in weights) else []
     cmd = [*torchrun(cfg.train.ranks), str(ROOT / "pipeline" / "train.py"), "--config", str(recipe),
-           f"data.train=[{','.join(map(str, train_dirs))}]", f"data.eval=[{','.join(map(str, eval_dirs))}]",
+           f"data.train=[{','.join(map(str, train_dirs))}]", *mix, f"data.eval=[{','.join(map(str, eval_dirs))}]",
            f"output_dir={run_dir}", f"loss.mode={cfg.train.mode}", f"mlflow_tracking_uri={uri}",
            f"mlflow_experiment={cfg.name}", "run_name=train-onegen", *cfg.train.overrides]
     return Stage("train-onegen", f"2/4 train OneGen ({cfg.train.ranks} DeepSpeed ZeRO-3 rank(s))", cmd, run_dir,
                  done=[run_dir / "summary.json", run_dir / "model" / "manifest.json"], inputs=list(train_dirs),
-                 options={"--config": cfg.train.recipe, "train.overrides": " ".join(cfg.train.overrides),
+                 options={"--config": cfg.train.recipe, "train.overrides": " ".join(cfg.train.overrides + mix),
                           "--ranks": cfg.train.ranks}, keep=True)
 
 
@@ -150,21 +153,24 @@ def build_stages(cfg: BenchmarkConfig, out: Path) -> tuple[list[Stage], dict]:
     data = out / "data"
     stages: list[Stage] = []
     train_dirs: list[Path] = []
+    weights: list[float] = []
     rag_eval: dict[str, Path] = {}
     el_eval: dict[str, Path] = {}
     for s in cfg.rag:
         st, trains, held = rag_stages(cfg, s, data)
         stages += st
         train_dirs += trains
+        weights += [s.train_weight] * len(trains)
         rag_eval[s.name] = held
     for e in cfg.el:
         st, train, held = el_stages(cfg, e, data)
         stages += st
         if train is not None:
             train_dirs.append(train)
+            weights.append(e.train_weight)
         if held is not None:
             el_eval[e.name] = held
-    stages.append(train_stage(cfg, out, train_dirs, list(rag_eval.values()), uri))
+    stages.append(train_stage(cfg, out, train_dirs, list(rag_eval.values()), uri, weights))
     for s in cfg.rag:
         if any(m in SHARED_INDEX for m in cfg.eval.methods):
             stages.append(index_stage(out, s.name, rag_eval[s.name], s.eval_examples))

@@ -31,6 +31,8 @@ class RagSet:
         "help": "more files of the same kind that only train (e.g. another split of the benchmark), relative to "
                 "data_root; a record without its gold paragraphs in context is quarantined, and the summary checks "
                 "that no evaluated question is among them"})
+    train_weight: float = field(default=1.0, metadata={"help": "passes over its training parts in one training epoch "
+                                                                "(data.train_weights of pipeline/train.py)"})
 
 
 @dataclass
@@ -43,6 +45,8 @@ class ElSet:
     kb: str | None = field(default=None, metadata={"help": "an entity KB JSONL {id,name,description}; default: the "
                                                             "benchmark's own entities, names only"})
     eval_examples: int = field(default=0, metadata={"help": "texts (passages) evaluated; 0: all"})
+    train_weight: float = field(default=1.0, metadata={"help": "passes over its training part in one training epoch "
+                                                                "(data.train_weights of pipeline/train.py)"})
 
 
 @dataclass

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from onegen import benchmark, benchmark_summary
 from onegen.errors import ConfigError
@@ -74,6 +75,14 @@ def test_train_and_heldout_parts_are_split_by_the_same_rule_and_only_training_pa
     evaluated += [c for c in by["train-onegen"].cmd if c.startswith("data.eval=")]
     assert not any("hotpotqa-train2" in c for c in evaluated)
     assert by["train-onegen"].keep  # a trained model is never replaced silently
+    assert not any(c.startswith("data.train_weights") for c in by["train-onegen"].cmd)  # all 1: left out
+    recipe = yaml.safe_load((ROOT / "configs" / "benchmark" / "cpu.yaml").read_text())
+    recipe["el"][0]["train_weight"], recipe["rag"][1]["train_weight"] = 3, 0.5
+    (tmp_path / "weighted.yaml").write_text(yaml.safe_dump(recipe))
+    weighted = {s.name: s for s in benchmark.build_stages(
+        _cfg(f"data_root={shared_data}", recipe=str(tmp_path / "weighted.yaml")), tmp_path)[0]}
+    assert "data.train_weights=[1.0,0.5,0.5,3.0]" in weighted["train-onegen"].cmd  # hotpotqa's two parts, then EL
+    assert weighted["train-onegen"].options != by["train-onegen"].options  # a finished run is not reused for it
     evals = [s for s in stages if s.name.startswith("eval-")]
     assert len(evals) == 2 * len(METHODS) + 3 and {"index-2wiki", "index-hotpotqa"} <= set(by)
     assert all(str(tmp_path / "train-onegen" / "model") in s.cmd for s in evals)  # one generator for every method
