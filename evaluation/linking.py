@@ -337,12 +337,16 @@ def name_match_baseline(data: Any, kb_ids: Sequence[str], indices: Sequence[int]
     """Link each gold mention of the rows ``indices`` by name alone, over the KB ``kb_ids`` (the
     entity index's documents; rule: ``name_match_links``). ``acc`` = right / gold links; ``no_name``:
     mentions no KB name equals (wrong); ``ambiguous``: mentions several names equal."""
-    rows, ambiguous = name_match_links(data, kb_ids, indices)
+    return name_match_scores(*name_match_links(data, kb_ids, indices), kb_size=len(kb_ids))
+
+
+def name_match_scores(rows: Sequence[Sequence[dict]], ambiguous: int, kb_size: int) -> dict[str, Any]:
+    """``name_match_baseline``'s scores from what ``name_match_links`` returned."""
     links = [m for row in rows for m in row]
     right = sum(m["name_match"] == m["gold"] for m in links)
     total = len(links)
     return {"acc": right / total if total else None, "right": right, "n": total, "ambiguous": ambiguous,
-            "no_name": sum(m["name_match"] is None for m in links), "kb_size": len(kb_ids)}
+            "no_name": sum(m["name_match"] is None for m in links), "kb_size": kb_size}
 
 
 def gold_mention_table(replayed: Sequence[LinkResult], name_rows: Sequence[Sequence[dict]]) -> list[list[dict]]:

@@ -267,16 +267,17 @@ def el_finish(req: Any, raw: Raw, data: Any, kb_ids: list[str]) -> TaskPart:
     """Score an EL run's raw results against the KB ``kb_ids`` (the entity index's ids); ``data``: the
     prepared dataset (the name-match baseline reads its mentions)."""
     # lazy: see module docstring
-    from evaluation.linking import (agreement, gold_link_accuracy, gold_mention_table, name_match_baseline,
-                                    name_match_links, summarize_linking)
+    from evaluation.linking import (agreement, gold_link_accuracy, gold_mention_table, name_match_links,
+                                    name_match_scores, summarize_linking)
     from evaluation.teacher_forced import recall_from_counts  # lazy: as above
 
     results = raw.results
     summary = summarize_linking(results)
     tf = recall_from_counts(*raw.tf_counts, setting="open")  # type: ignore[misc]
-    table = gold_mention_table(raw.replayed, name_match_links(data, kb_ids, range(len(results)))[0])
+    name_rows, ambiguous = name_match_links(data, kb_ids, range(len(results)))
+    table = gold_mention_table(raw.replayed, name_rows)
     gold = {"onegen": {**gold_link_accuracy(raw.replayed), "wall_s": raw.replay_s},
-            "name_match": name_match_baseline(data, kb_ids, range(len(results))),
+            "name_match": name_match_scores(name_rows, ambiguous, len(kb_ids)),
             "agreement": agreement(table),
             "rule": "name match: KB entity whose title equals the mention text after lower-casing and whitespace "
                     "collapsing; several -> first by doc id; none -> wrong"}

@@ -126,16 +126,16 @@ def shared_questions(layout: dict) -> dict[str, int | None]:
     """Per evaluated dataset: how many of its question (text) ids are also in a training dir (``split_ids.json``).
     QA ids are the benchmarks' own global ids, so every QA training dir counts; EL ids are positions in one file,
     so only that dataset's own training part does. None: an id list is missing."""
-    trains = [Path(d) for d in layout["train_dirs"]]
-    out: dict[str, int | None] = {}
-    for family, evaluated in (("rag", layout["rag"]), ("el", layout["el"])):
-        for name, held in evaluated.items():
-            if family == "rag":
-                against = [d for d in trains if (_read_json(d / "manifest.json") or {}).get("task") == "rag"]
-            else:
-                against = [d for d in trains if d.name.startswith(f"{name}-train")]
-            ids, seen = _split_ids(Path(held)), [_split_ids(d) for d in against]
-            out[name] = None if not ids or not all(seen) else len(set().union(*(ids & s for s in seen)))
+    trains = {Path(d): _split_ids(Path(d)) for d in layout["train_dirs"]}  # each read once
+    qa = [ids for d, ids in trains.items() if (_read_json(d / "manifest.json") or {}).get("task") == "rag"]
+
+    def shared(held: str, seen: list[set[str]]) -> int | None:
+        ids = _split_ids(Path(held))
+        return None if not ids or not all(seen) else len(set().union(*(ids & s for s in seen)))
+
+    out = {name: shared(held, qa) for name, held in layout["rag"].items()}
+    out.update({name: shared(held, [ids for d, ids in trains.items() if d.name.startswith(f"{name}-train")])
+                for name, held in layout["el"].items()})
     return out
 
 

@@ -15,11 +15,14 @@ import numpy as np
 from onegen.errors import ConfigError
 
 
-def _passes(n: int, weight: float) -> list[int]:
-    """How many rows each pass over a dataset of ``n`` rows takes in one epoch at mixing ``weight``: whole
-    passes, then a part (weight 2.5 -> [n, n, n/2]; 1 -> [n], the unweighted epoch)."""
-    whole, part = divmod(weight, 1.0)
-    return [n] * int(whole) + ([int(round(part * n))] if part > 0 else [])
+def _passes(sizes: list[int], weights: list[float] | None) -> list[list[int]]:
+    """Per dataset, how many rows each of its passes takes in one epoch at its mixing weight (default 1):
+    whole passes, then a part (weight 2.5 -> [n, n, n/2]; 1 -> [n], the unweighted epoch)."""
+    out = []
+    for d, n in enumerate(sizes):
+        whole, part = divmod(weights[d] if weights else 1.0, 1.0)
+        out.append([n] * int(whole) + ([int(round(part * n))] if part > 0 else []))
+    return out
 
 
 def epoch_units(sizes: list[int], micro_batch: int, seed: int, epoch: int,
@@ -29,8 +32,8 @@ def epoch_units(sizes: list[int], micro_batch: int, seed: int, epoch: int,
     own permutation, cut into units apart, so no unit holds a row twice."""
     rng = np.random.default_rng([seed, epoch])
     units = []
-    for d, n in enumerate(sizes):
-        for take in _passes(n, weights[d] if weights else 1.0):
+    for d, (n, passes) in enumerate(zip(sizes, _passes(sizes, weights))):
+        for take in passes:
             order = rng.permutation(n)[:take]
             for start in range(0, take - micro_batch + 1, micro_batch):
                 units.append((d, order[start:start + micro_batch].tolist()))
@@ -41,7 +44,7 @@ def epoch_units(sizes: list[int], micro_batch: int, seed: int, epoch: int,
 def units_per_epoch(sizes: list[int], micro_batch: int, grad_accum: int, world_size: int,
                     weights: list[float] | None = None) -> int:
     """Micro-batches of one epoch that fill whole optimizer steps (0 when the data cannot fill one)."""
-    n_units = sum(take // micro_batch for d, n in enumerate(sizes) for take in _passes(n, weights[d] if weights else 1.0))
+    n_units = sum(take // micro_batch for passes in _passes(sizes, weights) for take in passes)
     return n_units - n_units % (world_size * grad_accum)
 
 
