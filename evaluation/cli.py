@@ -249,7 +249,7 @@ def cmd_compare(cfg: CompareConfig) -> int:
     from evaluation.tracking import sqlite_uri
 
     uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or sqlite_uri(DEFAULT_COMPARE_STORE)
-    compare(uri, cfg.experiment, str(cfg.out), all_runs=cfg.all)
+    compare(uri, cfg.experiment, str(cfg.out), all_runs=cfg.all, models=cfg.models)
     return 0
 
 

@@ -26,6 +26,7 @@ from urllib.parse import unquote, urlparse
 from rich.console import Console
 from rich.table import Table
 
+from evaluation.checks import model_manifest
 from evaluation.plots import comparison_figure
 from onegen.bootstrap import CI, RESAMPLES, SEED, bootstrap_ci, question_values
 from onegen.errors import ConfigError
@@ -60,8 +61,10 @@ FIGURE_PANELS = [("EM", "EM"), ("F1", "F1"), ("R@1 free", "Recall@1\nfree genera
 BASE_MODELS = {"tiny": "tiny Llama (built from a config)", "smollm2": "SmolLM2-135M-Instruct"}
 
 
-def collect(tracking_uri: str, experiment: str, *, all_runs: bool = False) -> list[dict[str, Any]]:
-    """Rows (one per eval run; latest per method/checkpoint/dataset/setting unless ``all_runs``)."""
+def collect(tracking_uri: str, experiment: str, *, all_runs: bool = False,
+            fingerprints: set[str] | None = None) -> list[dict[str, Any]]:
+    """Rows (one per eval run; latest per method/checkpoint/dataset/setting unless ``all_runs``; only the
+    checkpoints of ``fingerprints`` when given)."""
     db = sqlite_path(tracking_uri)
     if db is not None and not db.is_file():
         raise ConfigError(f"no MLflow store at {db}: run `python -m evaluation run ...` first, or point "
@@ -88,6 +91,8 @@ def collect(tracking_uri: str, experiment: str, *, all_runs: bool = False) -> li
         if not all_runs and run.info.status != "FINISHED":
             continue
         tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
+        if fingerprints is not None and params.get("model_fingerprint") not in fingerprints:
+            continue
         key = (tags.get(TAG_METHOD), params.get("model_fingerprint"), tags.get(TAG_DATASET), tags.get(TAG_SETTING))
         if not all_runs and key in seen:
             continue
@@ -265,10 +270,15 @@ def plot(rows: list[dict], png: Path, experiment: str) -> Path:
 
 
 def compare(tracking_uri: str, experiment: str, out_png: str | Path, *, all_runs: bool = False,
-            console=None) -> dict[str, Any]:
-    """Print the table; write PNG + CSV + markdown (same stem). Returns the rows and the paths."""
+            models: list[str] | None = None, console=None) -> dict[str, Any]:
+    """Print the table; write PNG + CSV + markdown (same stem). Returns the rows and the paths.
+    ``models``: only the runs of these checkpoint dirs (their manifest fingerprints)."""
     console = console or Console(width=None if sys.stdout.isatty() else 200, soft_wrap=True)
-    rows = collect(tracking_uri, experiment, all_runs=all_runs)
+    fps = {model_manifest(m)["fingerprint"] for m in models} if models else None
+    rows = collect(tracking_uri, experiment, all_runs=all_runs, fingerprints=fps)
+    if not rows and fps:
+        raise ConfigError(f"experiment {experiment!r} at {tracking_uri} has no finished eval run of "
+                          f"{', '.join(map(str, models or []))}: evaluate it first, or leave models out")
     if not rows:
         raise ConfigError(f"experiment {experiment!r} at {tracking_uri} has no finished eval runs "
                           f"(tag {TAG_STAGE}={EVAL_STAGE}); run `python -m evaluation run ...` first")

@@ -166,3 +166,6 @@ class CompareConfig:
                                           f"sqlite:///{DEFAULT_COMPARE_STORE})")
     out: Path = _opt(Path("runs") / "eval" / "compare.png", "PNG path; .csv and .md are written beside it")
     all: bool = _opt(False, "every run, not only the latest per method/model/dataset")
+    models: list[str] = field(default_factory=list, metadata={"help": (
+        "only the eval runs of these checkpoints (model dirs, matched by their manifest fingerprint): runs of an "
+        "older model in the same experiment are left out")})

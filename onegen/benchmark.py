@@ -181,8 +181,8 @@ def build_stages(cfg: BenchmarkConfig, out: Path) -> tuple[list[Stage], dict]:
     evals = [st.out for st in stages if st.name.startswith("eval-")]
     stages.append(Stage("compare", "4/4 compare the runs (MLflow)",
                         [PY, "-m", "evaluation", "compare", "--experiment", cfg.name, "--tracking-uri", uri,
-                         "--out", str(out / "comparison.png")], out / "comparison.png", done=[out / "comparison.png"],
-                        inputs=evals, file=True))
+                         "--out", str(out / "comparison.png"), f"models=[{out / 'train-onegen' / 'model'}]"],
+                        out / "comparison.png", done=[out / "comparison.png"], inputs=evals, file=True))
     layout = {"uri": uri, "rag": {k: str(v) for k, v in rag_eval.items()}, "el": {k: str(v) for k, v in el_eval.items()},
               "train_dirs": [str(p) for p in train_dirs], "methods": list(cfg.eval.methods)}
     return stages, layout

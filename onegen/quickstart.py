@@ -175,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     # 4. the comparison
     stages.append(Stage("compare", "4/4 compare the runs",
                         [sys.executable, "-m", "evaluation", "compare", "--experiment", experiment, "--tracking-uri", uri,
-                         "--out", str(out / "comparison.png")], out / "comparison.png", done=[out / "comparison.png"],
+                         "--out", str(out / "comparison.png"),
+                         f"models=[{','.join(str(out / f'train-{m}' / 'model') for m in preset.modes)}]"],
+                        out / "comparison.png", done=[out / "comparison.png"],
                         inputs=[out / "eval" / label for label, _, _ in preset.methods], file=True))
     run_stages(stages, out)
     table = (out / "comparison.md")

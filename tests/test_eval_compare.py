@@ -76,6 +76,26 @@ def test_compare_writes_png_csv_markdown(store, tmp_path):
     assert to_markdown([]).count("\n") == 2
 
 
+def test_only_the_runs_of_the_given_checkpoints(store, tmp_path):
+    """A benchmark rerun after its model was retrained logs to the same experiment: ``models`` keeps only the runs
+    of the checkpoints named (by their manifest fingerprint), so an older model's rows do not join the table."""
+    from onegen.manifest import write_manifest
+
+    ids = store["ids"]
+    got = {r["run_id"] for r in collect(store["uri"], "onegen", fingerprints={"b" * 64})}
+    assert got == {ids["git"]}
+    model = tmp_path / "train-git" / "model"
+    model.mkdir(parents=True)
+    write_manifest(model, "train", fingerprint="b" * 64)
+    res = compare(store["uri"], "onegen", tmp_path / "c.png", models=[str(model)])
+    assert [r["run_id"] for r in res["rows"]] == [ids["git"]]
+    other = tmp_path / "retrained" / "model"
+    other.mkdir(parents=True)
+    write_manifest(other, "train", fingerprint="c" * 64)
+    with pytest.raises(ConfigError, match="no finished eval run of .*retrained"):
+        compare(store["uri"], "onegen", tmp_path / "x.png", models=[str(other)])
+
+
 def test_compare_errors(store, tmp_path):
     with pytest.raises(ConfigError, match="no MLflow store"):
         collect(sqlite_uri(tmp_path / "missing.db"), "onegen")
