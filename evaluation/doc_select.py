@@ -23,17 +23,29 @@ def subset_doc_ids(data: Any, rows: int) -> list[str]:
     if rows < 1:
         raise ConfigError(f"rows must be >= 1, got {rows}")
     n = min(rows, len(data))
-    cols = data.queries.select_columns(["candidates", "positives"])[:n]
-    bare = sum(1 for c in cols["candidates"] if not c)
+    wanted, bare = _rows_docs(data, range(n))
     if bare:
         raise ConfigError(f"{data.path}: {bare} of the first {n} rows have no candidate paragraphs (they are searched "
                           f"in the whole index, e.g. entity linking or an open-setting dataset): an index of the rows' "
                           f"own documents cannot serve them; build a full index (no --rows)")
+    return wanted
+
+
+def row_doc_ids(data: Any, rows: Sequence[int]) -> list[str] | None:
+    """The doc ids the query rows at ``rows`` can retrieve in the distractor setting (as ``subset_doc_ids``);
+    None when one of them has no candidates (it searches every document)."""
+    wanted, bare = _rows_docs(data, rows)
+    return None if bare else wanted
+
+
+def _rows_docs(data: Any, rows: Sequence[int]) -> tuple[list[str], int]:
+    """(sorted union of the rows' candidates and positives, how many rows have no candidates)."""
+    cols = data.queries.select_columns(["candidates", "positives"]).select(list(rows))[:]
     wanted: set[str] = set()
     for cands, pos in zip(cols["candidates"], cols["positives"]):
         wanted.update(cands)
         wanted.update(pos)
-    return sorted(wanted)
+    return sorted(wanted), sum(1 for c in cols["candidates"] if not c)
 
 
 def doc_positions(data: Any, doc_ids: Sequence[str] | None) -> list[int]:

@@ -183,6 +183,47 @@ def test_dense_pipeline_retriever(setup):
     assert len(r.hops) == 1 and r.retriever_forwards == 1 and r.retriever == "dense"
 
 
+def test_dense_pipeline_encodes_only_the_evaluated_rows_paragraphs_in_the_distractor_setting(setup, monkeypatch):
+    """MiniLM ranks each row's own candidates in the distractor setting, so the run encodes only those (not
+    every document of the dataset), and ranks them exactly as with every document encoded."""
+    from types import SimpleNamespace
+
+    from data_prep import encoders
+    from evaluation.tasks import rag_generate
+
+    rt, idx, data = setup
+    rows = [0, 3, 5]
+    own = set()
+    for r in data.query_rows(rows):
+        own |= set(r["candidates"]) | set(r["positives"])
+    assert len(own) < len(rt.docs)  # else the test shows nothing
+    encoded = []
+
+    class Counting(encoders.MeanPoolEncoder):
+        def encode(self, texts, batch_size=64):
+            encoded.append(len(texts))
+            return super().encode(texts, batch_size=batch_size)
+
+    monkeypatch.setattr(encoders, "MeanPoolEncoder", Counting)
+    req = SimpleNamespace(max_new_tokens=6, max_hops=1, k=3, setting="distractor", force_retrieval_every=2,
+                          gen_batch_size=2, progress=False, batch_size=4, pipeline_query="full")
+    raw = rag_generate(req, rt, idx, "dense", rows)
+    assert encoded[0] == len(own) and len(raw.results) == 3
+    open_req = SimpleNamespace(**{**vars(req), "setting": "open"})
+    encoded.clear()
+    rag_generate(open_req, rt, idx, "dense", rows[:1])
+    assert encoded[0] == len(rt.docs)  # the open setting searches them all
+    # the same ranking as over every document
+    enc = Counting(encoders.default_minilm_path())
+    sub = DenseRetriever(enc, [rt.docs.get(d) for d in sorted(own)])
+    full = DenseRetriever(enc, rt.docs.all())
+    for r in data.query_rows(rows):
+        step = RetrievalStep(question=r["question"], generated_text="", k=3, candidates=list(r["candidates"]))
+        a, b = sub.retrieve(step), full.retrieve(step)
+        assert [d for d, _ in a] == [d for d, _ in b]
+        np.testing.assert_allclose([s for _, s in a], [s for _, s in b], atol=1e-5)
+
+
 def test_max_hops_masks_rq_and_config_errors(setup):
     rt, idx, data = setup
     row = data.query_rows([4])[0]
