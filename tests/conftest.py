@@ -57,6 +57,25 @@ def _no_leaked_tracking_uri():
         os.environ["MLFLOW_TRACKING_URI"] = before
 
 
+@pytest.fixture(scope="session")
+def quickstart_small(tmp_path_factory):
+    """One finished ``quickstart --preset tiny --small`` (2.5 min here), shared by the tests that need one: its
+    own end-to-end test and the README's commands. ``(out dir, the run's CompletedProcess)``; treat it as
+    read-only (copy it to rerun or change it). Run without scripts/env.sh's offline variables: the entry
+    points must set them themselves."""
+    import subprocess
+    import sys
+
+    from tests.train_fixtures import env
+
+    out = tmp_path_factory.mktemp("quickstart") / "runs" / "quickstart"
+    e = {k: v for k, v in env().items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
+    cmd = [sys.executable, "-m", "onegen.quickstart", "--preset", "tiny", "--small", "--out", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=3600)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    return out, p
+
+
 # The unit tier (`pytest -m unit`): files that test pure parts (roles and labels, the loss, the collator
 # and its negatives, the data plan, KV bookkeeping, metrics, bootstrap intervals, mining, config errors).
 UNIT_FILES = {"test_roles.py", "test_loss.py", "test_collator.py", "test_plan_kv.py", "test_metrics.py",
