@@ -75,8 +75,13 @@ def test_train_and_heldout_parts_are_split_by_the_same_rule_and_only_training_pa
     evaluated += [c for c in by["train-onegen"].cmd if c.startswith("data.eval=")]
     assert not any("hotpotqa-train2" in c for c in evaluated)
     assert by["train-onegen"].keep  # a trained model is never replaced silently
-    assert not any(c.startswith("data.train_weights") for c in by["train-onegen"].cmd)  # all 1: left out
+    assert "data.train_weights=[1.0,1.0,1.0,3.0]" in by["train-onegen"].cmd  # the CPU recipe: Reuters-128 × 3
     recipe = yaml.safe_load((ROOT / "configs" / "benchmark" / "cpu.yaml").read_text())
+    recipe["el"][0]["train_weight"] = 1
+    (tmp_path / "even.yaml").write_text(yaml.safe_dump(recipe))
+    even = {s.name: s for s in benchmark.build_stages(
+        _cfg(f"data_root={shared_data}", recipe=str(tmp_path / "even.yaml")), tmp_path)[0]}
+    assert not any(c.startswith("data.train_weights") for c in even["train-onegen"].cmd)  # all 1: left out
     recipe["el"][0]["train_weight"], recipe["rag"][1]["train_weight"] = 3, 0.5
     (tmp_path / "weighted.yaml").write_text(yaml.safe_dump(recipe))
     weighted = {s.name: s for s in benchmark.build_stages(
@@ -202,3 +207,20 @@ def test_the_pipelines_query_form_reaches_only_the_pipeline_evaluations(tmp_path
     assert flagged == {f"eval-{d}-{m}" for d in ("2wiki", "hotpotqa") for m in ("pipeline-bm25", "pipeline-minilm")}
     stages, _ = benchmark.build_stages(_cfg(f"data_root={shared_data}"), tmp_path)
     assert not any("--pipeline-query" in s.cmd for s in stages)  # the default keeps earlier runs' commands
+
+
+@pytest.mark.shared_data
+def test_the_comparison_holds_only_this_runs_model(tmp_path, shared_data):
+    """Retraining in the same --out logs new eval runs beside the old model's: the compare stage names the model
+    it trained, so the table holds that model's runs only."""
+    stages, _ = benchmark.build_stages(_cfg(f"data_root={shared_data}"), tmp_path)
+    compare = next(s for s in stages if s.name == "compare")
+    assert f"models=[{tmp_path / 'train-onegen' / 'model'}]" in compare.cmd
+
+
+def test_a_rerun_that_reused_stages_says_what_the_stages_took():
+    full = benchmark_summary._wall_line(4900.0, {"train-onegen": 2442.0, "eval-2wiki-onegen": 193.0, "prep": None})
+    assert full == "Wall time **81.7 min**."
+    reused = benchmark_summary._wall_line(4.0, {"train-onegen": 2442.0, "eval-2wiki-onegen": 193.0, "compare": 3.0})
+    assert reused.startswith("Wall time **0.1 min** for this invocation, which reused finished stages")
+    assert "**44.0 min** when they ran" in reused
