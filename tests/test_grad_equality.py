@@ -122,6 +122,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 v /= 2
             result[ret_loss] = {"grads": g, "stats": stats}
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        # Both ranks done before either tears gloo down: once in a full suite run rank 1 died with SIGABRT
+        # ("terminate called without an active exception"), likely gloo's threads ended while the peer still talked.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
