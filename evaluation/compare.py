@@ -278,7 +278,7 @@ def compare(tracking_uri: str, experiment: str, out_png: str | Path, *, all_runs
     rows = collect(tracking_uri, experiment, all_runs=all_runs, fingerprints=fps)
     if not rows and fps:
         raise ConfigError(f"experiment {experiment!r} at {tracking_uri} has no finished eval run of "
-                          f"{', '.join(map(str, models or []))}: evaluate it first, or leave models out")
+                          f"{', '.join(map(str, models))}: evaluate it first, or leave models out")
     if not rows:
         raise ConfigError(f"experiment {experiment!r} at {tracking_uri} has no finished eval runs "
                           f"(tag {TAG_STAGE}={EVAL_STAGE}); run `python -m evaluation run ...` first")

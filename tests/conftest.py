@@ -64,14 +64,12 @@ def quickstart_small(tmp_path_factory):
     read-only (copy it to rerun or change it). Run without scripts/env.sh's offline variables: the entry
     points must set them themselves."""
     import subprocess
-    import sys
 
-    from tests.train_fixtures import env
+    from tests.train_fixtures import quickstart_small_cmd, user_env
 
     out = tmp_path_factory.mktemp("quickstart") / "runs" / "quickstart"
-    e = {k: v for k, v in env().items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
-    cmd = [sys.executable, "-m", "onegen.quickstart", "--preset", "tiny", "--small", "--out", str(out)]
-    p = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=3600)
+    p = subprocess.run(quickstart_small_cmd(out), cwd=ROOT, env=user_env(), capture_output=True, text=True,
+                       timeout=3600)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     return out, p
 

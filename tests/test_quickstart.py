@@ -12,7 +12,7 @@ import pytest
 
 from onegen import quickstart
 from onegen import stages as stage_mod
-from tests.train_fixtures import ROOT, env
+from tests.train_fixtures import ROOT, env, quickstart_small_cmd
 
 METHODS = ["onegen", "two-pass", "pipeline-bm25", "pipeline-minilm", "no-retrieval"]
 
@@ -69,7 +69,7 @@ def test_quickstart_small_end_to_end(quickstart_small, tmp_path):
     # stages record paths relative to the output dir, so a moved run is reused the same)
     out = tmp_path / "qs"
     shutil.copytree(quickstart_small[0], out, symlinks=True)
-    cmd = [sys.executable, "-m", "onegen.quickstart", "--preset", "tiny", "--small", "--out", str(out)]
+    cmd = quickstart_small_cmd(out)
     again = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("done before, same options") == 10 and "    $ " not in again.stdout, again.stdout[-3000:]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train_fixtures import ROOT, env
+from tests.train_fixtures import ROOT, env, user_env
 
 README = (ROOT / "README.md").read_text()
 
@@ -93,7 +93,7 @@ def test_every_readme_command_works_in_order_after_the_quickstart(quickstart_sma
     work.mkdir()
     for d in LINKED:
         (work / d).symlink_to(ROOT / d)
-    e = {k: v for k, v in env().items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
+    e = user_env()
     e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}"  # python, torchrun of this venv
     e["PYTHONPATH"] = str(ROOT)
     shutil.copytree(quickstart_small[0], work / "runs" / "quickstart", symlinks=True)

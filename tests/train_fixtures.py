@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from onegen import tiny_train
@@ -45,6 +46,17 @@ def env() -> dict:
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "MLFLOW_TRACKING_URI"):
         e.pop(k, None)
     return e
+
+
+def user_env() -> dict:
+    """``env()`` without the offline variables scripts/env.sh exports: a user's shell, where the entry points
+    must set them themselves."""
+    return {k: v for k, v in env().items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
+
+
+def quickstart_small_cmd(out: Path) -> list[str]:
+    """The reduced quickstart (``--preset tiny --small``) into ``out``."""
+    return [sys.executable, "-m", "onegen.quickstart", "--preset", "tiny", "--small", "--out", str(out)]
 
 
 def train_cmd(launcher: str, world: Path, out: Path, *overrides: str) -> list[str]:
